@@ -1,0 +1,36 @@
+# `make lab`  : create the environment if needed, install everything, open Jupyter on notebooks/
+# `make test` : create the environment if needed, install everything, run unit tests then every notebook (smoke profile)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: lab test unit notebooks lint publish clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+test: unit notebooks
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests -q
+
+# Complete notebooks, smoke profile; a failing exercise check fails the run (COURSE_STRICT_CHECKS).
+notebooks: $(STAMP)
+	COURSE_SMOKE=1 COURSE_STRICT_CHECKS=1 MPLBACKEND=Agg $(BIN)/python -m pytest -q -p no:cacheprovider \
+		--nbval-lax --nbval-current-env --nbval-cell-timeout=300 notebooks/[0-9]*.ipynb
+
+lint: $(STAMP)
+	$(BIN)/ruff check course_utils tests
+
+publish: $(STAMP)
+	$(BIN)/python -m course_utils.publish
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,0 +1,234 @@
+"""Everything a notebook needs before its first real cell: device, precision, profile, seeds,
+paths, and offline tiktoken.
+
+``lab = course_utils.setup()`` prints one line and returns a :class:`Lab`. Sizes that depend on
+the machine are chosen with ``lab.pick(gpu=..., cpu=..., smoke=...)``.
+
+Profiles (the budget for a whole notebook):
+
+========  ==========================================  ==============================
+profile   chosen when                                 budget
+========  ==========================================  ==============================
+``gpu``   a CUDA device is present                    the lab's T4 budget
+``cpu``   no CUDA device, not CI                      <= 15 min on a 4-core laptop
+``smoke`` ``COURSE_SMOKE=1`` or ``CI`` is set           <= 3 min on 2 cores
+========  ==========================================  ==============================
+
+``COURSE_PROFILE`` forces a profile, ``COURSE_DEVICE`` a device, ``COURSE_DATA_DIR`` the data folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+PROFILES = ("gpu", "cpu", "smoke")
+T = TypeVar("T")
+
+# tiktoken looks in its cache for a file named sha1(url) before it downloads `url`, and checks
+# the file's sha256 against the hash it expects. These are the urls and hashes of
+# tiktoken_ext/openai_public.py; the rank files themselves ship in data/tiktoken/.
+TIKTOKEN_FILES = {
+    "o200k_base": (
+        "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+        "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+    ),
+    "cl100k_base": (
+        "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+        "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+    ),
+}
+
+
+class SetupError(RuntimeError):
+    """The environment is missing something a lab needs; the message says what to do."""
+
+
+def _truthy(value: str | None) -> bool:
+    return value is not None and value.strip().lower() not in ("", "0", "false", "no")
+
+
+def on_colab() -> bool:
+    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
+
+
+def choose_profile(device_type: str, env: dict[str, str] | None = None) -> str:
+    """``COURSE_PROFILE`` if set; else ``smoke`` under CI or ``COURSE_SMOKE``; else by device."""
+    env = os.environ if env is None else env
+    forced = env.get("COURSE_PROFILE", "").strip().lower()
+    if forced:
+        if forced not in PROFILES:
+            raise SetupError(f"COURSE_PROFILE={forced!r} is not a profile; use one of {', '.join(PROFILES)}")
+        return forced
+    if _truthy(env.get("COURSE_SMOKE")) or _truthy(env.get("CI")):
+        return "smoke"
+    return "gpu" if device_type == "cuda" else "cpu"
+
+
+def choose_device(env: dict[str, str] | None = None) -> tuple[str, str]:
+    """Return ``(device, precision)``: CUDA, then Apple MPS, then CPU.
+
+    Precision follows the hardware: bf16 autocast on CUDA compute capability >= 8.0 (A100, L4,
+    H100), fp16 autocast with a gradient scaler below it (T4, V100: no bf16 tensor cores), fp32
+    on MPS and CPU.
+    """
+    env = os.environ if env is None else env
+    try:
+        import torch
+    except ImportError:  # the tokeniser lab needs no torch
+        return "cpu", "fp32"
+    forced = env.get("COURSE_DEVICE", "").strip().lower()
+    if forced and forced not in ("cuda", "mps", "cpu"):
+        raise SetupError(f"COURSE_DEVICE={forced!r} is not a device; use cuda, mps or cpu")
+    if forced == "cuda" and not torch.cuda.is_available():
+        raise SetupError("COURSE_DEVICE=cuda but PyTorch sees no CUDA GPU (on Colab: Runtime > Change runtime type > T4 GPU)")
+    if forced in ("", "cuda") and torch.cuda.is_available():
+        major, _ = torch.cuda.get_device_capability()
+        return "cuda", "bf16" if major >= 8 else "fp16"
+    mps = getattr(torch.backends, "mps", None)
+    if forced in ("", "mps") and mps is not None and mps.is_available():
+        return "mps", "fp32"
+    return "cpu", "fp32"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (all devices) so CPU runs repeat exactly."""
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        torch.manual_seed(seed)  # also seeds every CUDA device
+    except ImportError:
+        pass
+
+
+def find_root(start: Path | None = None) -> Path | None:
+    """The course folder: the first of the working directory and its parents, the package's
+    parents and the Colab clone that holds ``data/tinystories``. ``COURSE_DATA_DIR`` wins."""
+    from . import publish  # imported here so that `python -m course_utils.publish` runs cleanly
+
+    env_dir = os.environ.get("COURSE_DATA_DIR")
+    if env_dir:
+        return Path(env_dir).expanduser().resolve().parent
+    start = (start or Path.cwd()).resolve()
+    candidates = [start, *start.parents, *Path(__file__).resolve().parents, Path(publish.colab_clone_dir())]
+    for candidate in candidates:
+        if (candidate / "data" / "tinystories").is_dir():
+            return candidate
+    return None
+
+
+def data_dir() -> Path:
+    """The shipped ``data/`` folder; a clear error if it cannot be found."""
+    env_dir = os.environ.get("COURSE_DATA_DIR")
+    if env_dir:
+        path = Path(env_dir).expanduser().resolve()
+        if not path.is_dir():
+            raise SetupError(f"COURSE_DATA_DIR={env_dir} is not a folder; point it at the course's data/ folder")
+        return path
+    root = find_root()
+    if root is None:
+        from . import publish
+
+        raise SetupError(
+            "cannot find the course's data/ folder. Run the notebook from inside a clone of "
+            f"{publish.repository_url()} (git clone it, then `make lab`), or set COURSE_DATA_DIR "
+            "to the path of its data/ folder."
+        )
+    return root / "data"
+
+
+def use_offline_tiktoken(data: Path, cache_dir: Path | None = None) -> Path:
+    """Make ``tiktoken.get_encoding("o200k_base")`` and ``("cl100k_base")`` work with no network.
+
+    Copies the shipped rank files into tiktoken's cache under the names tiktoken looks for
+    (sha1 of the download url) and points ``TIKTOKEN_CACHE_DIR`` there. tiktoken still checks
+    each file's sha256 itself, so a damaged copy is never used silently.
+    """
+    if cache_dir is None:
+        cache_dir = Path(os.environ.get("TIKTOKEN_CACHE_DIR") or Path.home() / ".cache" / "course_utils" / "tiktoken")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for name, (url, sha256) in TIKTOKEN_FILES.items():
+        source = data / "tiktoken" / f"{name}.tiktoken"
+        target = cache_dir / hashlib.sha1(url.encode()).hexdigest()
+        if target.exists() and hashlib.sha256(target.read_bytes()).hexdigest() == sha256:
+            continue
+        if not source.exists():
+            raise SetupError(f"{source} is missing; it ships with the course (git checkout data/tiktoken)")
+        if hashlib.sha256(source.read_bytes()).hexdigest() != sha256:
+            raise SetupError(f"{source} is damaged (sha256 differs from tiktoken's); restore it with git checkout")
+        tmp = target.with_suffix(".tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache_dir)
+    return cache_dir
+
+
+@dataclass(frozen=True)
+class Lab:
+    """What :func:`setup` decided. ``pick`` chooses a value for the active profile."""
+
+    device: str
+    precision: str
+    profile: str
+    seed: int
+    colab: bool
+    root: Path | None
+    data: Path
+    runs: Path
+
+    def pick(self, *, gpu: T, cpu: T, smoke: T) -> T:
+        """The value for the active profile, e.g. ``steps = lab.pick(gpu=2000, cpu=300, smoke=20)``."""
+        return {"gpu": gpu, "cpu": cpu, "smoke": smoke}[self.profile]
+
+    @property
+    def smoke(self) -> bool:
+        return self.profile == "smoke"
+
+    def describe(self) -> str:
+        return (
+            f"device {self.device} | precision {self.precision} | profile {self.profile} | "
+            f"seed {self.seed}" + (" | Colab" if self.colab else "")
+        )
+
+
+def setup(seed: int = 1337, *, quiet: bool = False, **overrides: Any) -> Lab:
+    """Choose device, precision and profile, seed everything, find the data, enable offline
+    tiktoken, and print one line saying what was chosen.
+
+    ``overrides`` may set ``profile`` or ``device`` directly (as the environment variables do).
+    """
+    env = dict(os.environ)
+    if "profile" in overrides:
+        env["COURSE_PROFILE"] = overrides.pop("profile")
+    if "device" in overrides:
+        env["COURSE_DEVICE"] = overrides.pop("device")
+    if overrides:
+        raise TypeError(f"setup() got unknown arguments {sorted(overrides)}; it takes seed, quiet, profile, device")
+    device, precision = choose_device(env)
+    profile = choose_profile(device, env)
+    if device == "cuda":
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and newer
+        torch.backends.cudnn.allow_tf32 = True
+    seed_everything(seed)
+    data = data_dir()
+    root = data.parent
+    use_offline_tiktoken(data)
+    lab = Lab(device, precision, profile, seed, on_colab(), root, data, root / "runs")
+    if not quiet:
+        print(lab.describe())
+    return lab
