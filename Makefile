@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: lab test unit notebooks lint publish clean
+.PHONY: lab test unit notebooks lint publish release clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: $(STAMP)
 
 publish: $(STAMP)
 	$(BIN)/python -m course_utils.publish
+
+# Rewrite notebooks/student/ from the complete notebooks (commit the result).
+release: $(STAMP)
+	$(BIN)/python -m course_utils.release
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

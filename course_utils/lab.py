@@ -14,7 +14,8 @@ profile   chosen when                                 budget
 ``smoke`` ``COURSE_SMOKE=1`` or ``CI`` is set           <= 3 min on 2 cores
 ========  ==========================================  ==============================
 
-``COURSE_PROFILE`` forces a profile, ``COURSE_DEVICE`` a device, ``COURSE_DATA_DIR`` the data folder.
+``COURSE_PROFILE`` forces a profile, ``COURSE_DEVICE`` a device, ``COURSE_DATA_DIR`` the data folder,
+``COURSE_RUNS_DIR`` the folder for your own artefacts (default ``runs/`` beside ``data/``).
 """
 
 from __future__ import annotations
@@ -228,7 +229,8 @@ def setup(seed: int = 1337, *, quiet: bool = False, **overrides: Any) -> Lab:
     data = data_dir()
     root = data.parent
     use_offline_tiktoken(data)
-    lab = Lab(device, precision, profile, seed, on_colab(), root, data, root / "runs")
+    runs = Path(os.environ["COURSE_RUNS_DIR"]).expanduser() if os.environ.get("COURSE_RUNS_DIR") else root / "runs"
+    lab = Lab(device, precision, profile, seed, on_colab(), root, data, runs)
     if not quiet:
         print(lab.describe())
     return lab

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if rewrite_notebook(nb, rel):
             stale.append(rel)
             if not args.check:
-                path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+                path.write_text(json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
     verb = "out of date" if args.check else "rewritten"
     for rel in stale:
         print(f"{verb}: {rel}")

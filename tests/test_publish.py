@@ -22,4 +22,5 @@ def test_one_edit_moves_every_badge_and_install_cell(root, monkeypatch):
 def test_readme_badges_point_at_the_repository(root):
     readme = (root / "README.md").read_text(encoding="utf-8")
     for path in sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb")):
-        assert publish.colab_url(f"notebooks/{path.name}") in readme, f"README has no badge for {path.name}"
+        assert publish.colab_url(f"notebooks/{path.name}") in readme, f"README has no link to {path.name}"
+        assert publish.colab_url(f"notebooks/student/{path.name}") in readme, f"README has no badge for the student copy of {path.name}"
