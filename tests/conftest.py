@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -13,3 +14,17 @@ def root() -> Path:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return ROOT / "data"
+
+
+def notebook_namespace(path: Path, marker: str) -> dict:
+    """Run a notebook's import lines, then every code cell that contains ``marker`` (its exercise
+    cells: ``### BEGIN SOLUTION`` in a complete notebook, ``# YOUR CODE HERE`` in a student copy)."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    imports = [line for src in code for line in src.splitlines() if line.startswith(("import ", "from "))]
+    namespace: dict = {}
+    exec("\n".join(imports), namespace)
+    for src in code:
+        if marker in src:
+            exec(compile(src, path.name, "exec"), namespace)
+    return namespace

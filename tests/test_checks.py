@@ -1,23 +1,16 @@
 """Lab checks: the complete notebooks' solutions pass, wrong or missing answers get a verdict."""
 
-import json
-
 import pytest
-from conftest import ROOT
+from conftest import ROOT, notebook_namespace
 
 from course_utils import checks
 from course_utils.checks import FAILED, PASSED, TODO, evaluate
 
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
 
 def notebook_functions(name: str) -> dict:
-    """Execute the solution cells (the cells holding ### BEGIN SOLUTION) of a complete notebook."""
-    nb = json.loads((ROOT / "notebooks" / name).read_text(encoding="utf-8"))
-    namespace: dict = {}
-    for cell in nb["cells"]:
-        src = "".join(cell["source"])
-        if cell["cell_type"] == "code" and "### BEGIN SOLUTION" in src:
-            exec(compile(src, name, "exec"), namespace)
-    return namespace
+    return notebook_namespace(ROOT / "notebooks" / name, "### BEGIN SOLUTION")
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +18,19 @@ def lab01():
     return notebook_functions("01_tokenisation.ipynb")
 
 
-@pytest.mark.parametrize("exercise", [e.name for e in checks.exercises("01")])
-def test_lab01_solutions_pass(lab01, exercise):
-    verdict = evaluate(exercise, lab01[exercise])
+@pytest.mark.parametrize("exercise", [(p.name, e.name) for p in NOTEBOOKS for e in checks.exercises(p.name[:2])], ids=lambda x: x[1])
+def test_complete_notebooks_pass_every_check(exercise):
+    notebook, name = exercise
+    verdict = evaluate(name, notebook_functions(notebook)[name])
     assert verdict.status == PASSED, verdict.message
     assert verdict.points == verdict.max_points == 1
 
 
-@pytest.mark.parametrize("exercise", [e.name for e in checks.exercises("01")])
+def test_every_lab_on_main_has_checks():
+    assert NOTEBOOKS and all(checks.exercises(p.name[:2]) for p in NOTEBOOKS)
+
+
+@pytest.mark.parametrize("exercise", [e.name for e in checks.exercises()])
 def test_unimplemented_exercise_is_a_verdict_not_a_crash(exercise):
     def stub(*args):
         raise NotImplementedError(exercise)
@@ -89,7 +87,7 @@ def _mutating_merge(ids, pair, new_id):
         ("bpe_decode", lambda ids, merges: 1 / 0, "ZeroDivisionError"),
     ],
 )
-def test_wrong_answers_get_an_actionable_verdict(exercise, fn, words):
+def test_wrong_answers_get_an_actionable_verdict(exercise, fn, words):  # Lab 01
     verdict = evaluate(exercise, fn)
     assert verdict.status == FAILED and verdict.points == 0
     assert words in verdict.message
@@ -127,3 +125,75 @@ def test_a_reload_of_the_checks_module_keeps_every_exercise():
     fresh = importlib.reload(checks)
     assert sorted(e.name for e in fresh.exercises()) == before
     importlib.reload(checks)
+
+
+# Labs 02 and 03: plausible mistakes must fail with a message that points at the fix.
+import math  # noqa: E402
+
+import torch  # noqa: E402
+
+import course_utils.model as gpt  # noqa: E402
+
+
+def _unscaled_attention(q, k, v, mask=None):
+    scores = q @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+def _unstable_attention(q, k, v, mask=None):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    e = torch.exp(scores)
+    return e / e.sum(-1, keepdim=True) @ v
+
+
+def _interleaved_heads(x, w_qkv, w_out, n_head):
+    B, T, C = x.shape
+    q, k, v = (x @ w_qkv).split(C, -1)
+    q, k, v = (t.view(B, T, C // n_head, n_head).permute(0, 3, 1, 2) for t in (q, k, v))  # wrong split
+    y = gpt.naive_attention(q, k, v, gpt.causal_mask(T))
+    return y.permute(0, 2, 3, 1).reshape(B, T, C) @ w_out
+
+
+def _unbiased_layer_norm(x, w, b, eps=1e-5):
+    return w * (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True) + eps) + b
+
+
+def _uncached_generation(model, idx, n):
+    for _ in range(n):
+        logits, _ = model(idx)
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return idx
+
+
+def _top_p_one_short(logits, p):
+    sorted_logits, order = torch.sort(logits, -1, descending=True)
+    probs = torch.softmax(sorted_logits, -1)
+    drop = probs.cumsum(-1) > p  # drops the token that reaches p
+    drop[..., 0] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+@pytest.mark.parametrize(
+    "exercise, fn, words",
+    [
+        ("attention", _unscaled_attention, "sqrt(d)"),
+        ("attention", _unstable_attention, "inf or nan"),
+        ("causal_mask", lambda t: torch.ones(t, t).tril(), "torch.bool"),
+        ("causal_mask", lambda t: torch.ones(t, t, dtype=torch.bool).triu(), "below the diagonal"),
+        ("multi_head_attention", _interleaved_heads, "consecutive columns"),
+        ("layer_norm", _unbiased_layer_norm, "biased variance"),
+        ("gelu_tanh", lambda x: x * 0.5 * (1 + torch.erf(x / math.sqrt(2))), "tanh"),
+        ("greedy_next", lambda logits: logits.max(-1).values, "position of the largest"),
+        ("temperature_probs", lambda logits, t: torch.softmax(logits * t, -1), "divide the logits"),
+        ("top_k_filter", lambda logits, k: logits, "k largest"),
+        ("top_p_filter", _top_p_one_short, "reaches p"),
+        ("generate_cached", _uncached_generation, "KVCache"),
+    ],
+)
+def test_lab02_lab03_mistakes_get_an_actionable_verdict(exercise, fn, words):
+    verdict = evaluate(exercise, fn)
+    assert verdict.status == FAILED and words in verdict.message, verdict.message

@@ -59,7 +59,7 @@ def test_solutions_sit_inside_functions_and_are_checked(path):
         if "### BEGIN SOLUTION" not in src:
             continue
         assert src.count("### BEGIN SOLUTION") == src.count("### END SOLUTION") == 1
-        name = re.match(r"def (\w+)\(", src).group(1)
+        name = re.search(r"^def (\w+)\(", src, flags=re.MULTILINE).group(1)
         solved.append(name)
         assert cells[k + 1].strip() == f"check({name})", f"{name} must be followed by its check cell"
     registered = [e.name for e in exercises(path.name[:2])]
