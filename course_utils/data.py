@@ -53,3 +53,92 @@ def tinystories_sha256(split: str = "train", data: Path | None = None) -> str:
         digest.update(story.encode("utf-8"))
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Token caches and batches
+# ---------------------------------------------------------------------------------------------
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of a tokenizer's merges, pattern and special tokens: what decides the ids."""
+    import json
+
+    payload = {k: v for k, v in tokenizer.to_dict().items() if k != "name"}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def token_cache(tokenizer, split: str = "train", cache_dir: Path | None = None, data: Path | None = None):
+    """The ids of a TinyStories split as a read-only ``uint16`` memmap, each story followed by
+    ``<|endoftext|>``. Built once with tiktoken and cached under ``runs/cache/``; the file name holds
+    a hash of the text and the tokenizer, so a change to either builds a new cache."""
+    import numpy as np
+
+    if tokenizer.n_vocab > 2**16:
+        raise ValueError(f"a vocabulary of {tokenizer.n_vocab} ids does not fit in uint16 token caches (at most 65,536)")
+    eot = tokenizer.special_tokens.get(ENDOFTEXT_LINE)
+    if eot is None:
+        raise ValueError(f"the tokenizer has no {ENDOFTEXT_LINE} token to separate stories; train it with that special token")
+    data = data or data_dir()
+    cache_dir = Path(cache_dir) if cache_dir else data.parent / "runs" / "cache"
+    key = hashlib.sha256((tinystories_sha256(split, data) + tokenizer_fingerprint(tokenizer)).encode()).hexdigest()[:16]
+    path = cache_dir / f"tinystories-{split}-{key}.bin"
+    if not path.exists():
+        encoding = tokenizer.to_tiktoken()
+        stories = tinystories(split, data)
+        ids: list[int] = []
+        for encoded in encoding.encode_ordinary_batch(stories):
+            ids.extend(encoded)
+            ids.append(eot)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        np.asarray(ids, dtype=np.uint16).tofile(tmp)
+        tmp.replace(path)  # atomic: a half-written cache is never seen
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    if len(tokens) == 0:
+        raise ValueError(f"{path} is empty; delete it and run again")
+    return tokens
+
+
+class BatchSampler:
+    """Random (B, T) windows of a token array, inputs and next-token targets.
+
+    Every call draws the *global* batch (``batch_size * world_size`` windows) from one seeded
+    generator and keeps this rank's slice, so any number of processes sees the same global batch,
+    and the generator's state is the exact data position for resuming.
+    """
+
+    def __init__(self, tokens, batch_size: int, seq_len: int, *, seed: int = 0, device="cpu", rank: int = 0, world_size: int = 1):
+        if len(tokens) <= seq_len + 1:
+            raise ValueError(f"the corpus has {len(tokens)} tokens, too few for windows of seq_len={seq_len}; lower seq_len")
+        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+        self.device, self.rank, self.world_size = torch_device(device), rank, world_size
+        self.generator = _torch().Generator().manual_seed(seed)
+
+    def next(self):
+        torch = _torch()
+        import numpy as np
+
+        starts = torch.randint(len(self.tokens) - self.seq_len - 1, (self.batch_size * self.world_size,), generator=self.generator)
+        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+        windows = torch.from_numpy(np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in mine]))
+        x, y = windows[:, :-1], windows[:, 1:]
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def torch_device(device):
+    return _torch().device(device)

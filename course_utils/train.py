@@ -1,0 +1,320 @@
+"""The training engine: one loop for the notebooks and the command line, on one device or under DDP.
+
+AdamW (fused on CUDA; weight decay on matrices only), linear warm-up then cosine decay, gradient
+accumulation and clipping, precision by device (bf16 autocast on compute capability >= 8, fp16 with a
+gradient scaler below, fp32 on CPU), an optional ``torch.compile``, periodic evaluation, atomic
+checkpoints that resume exactly (model, optimiser, scaler, step, data position, random states), and
+metrics as JSON lines. Under ``torchrun`` each process takes its slice of every global batch and
+gradients are averaged (gloo on CPU, NCCL on GPUs)::
+
+    python -m course_utils.train --out runs/pretrain --steps 2000
+    torchrun --nproc_per_node 2 -m course_utils.train --out runs/pretrain --steps 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .model import GPT, GPTConfig
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to change."""
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/pretrain"
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    context_length: int = 256
+    dropout: float = 0.0
+    # optimisation
+    batch_size: int = 32  # sequences per process per micro-step
+    grad_accum: int = 1
+    max_steps: int = 1000
+    warmup_steps: int = 100
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # running
+    eval_every: int = 100
+    eval_batches: int = 20
+    checkpoint_every: int = 100
+    seed: int = 1337
+    device: str = "auto"
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    compile: bool = False
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(vocab_size=vocab_size, context_length=self.context_length, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout)
+
+
+def cosine_lr(step: int, *, max_lr: float, warmup_steps: int, max_steps: int, min_lr: float) -> float:
+    """Linear warm-up from max_lr/warmup to max_lr, then cosine decay to min_lr at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
+    """AdamW with weight decay on the weight matrices of linear layers only: decaying biases, norm
+    gains or embeddings only pulls them towards zero without regularising anything useful."""
+    decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: a temporary file, flushed to disk, then renamed over the old one, so a run
+    killed mid-write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise TrainingError(f"{path} is damaged and cannot be read ({type(e).__name__}); delete it to start afresh") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path} is not a checkpoint of this course's trainer (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def _precision(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.precision != "auto":
+        if cfg.precision not in ("bf16", "fp16", "fp32"):
+            raise TrainingError(f"precision={cfg.precision!r}: use auto, bf16, fp16 or fp32")
+        return cfg.precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    return "fp32"
+
+
+class Trainer:
+    """Holds everything a run needs and steps it. ``train_tokens``/``val_tokens`` are 1-D token arrays."""
+
+    def __init__(self, cfg: TrainConfig, train_tokens, val_tokens, vocab_size: int, *, tokenizer_id: str = "", log=print):
+        from .data import BatchSampler
+
+        self.cfg, self.log, self.tokenizer_id = cfg, log, tokenizer_id
+        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.distributed = self.world_size > 1
+        if cfg.device == "auto":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        else:
+            device = cfg.device
+        self.device = torch.device(device)
+        if self.distributed and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        torch.manual_seed(cfg.seed)
+        self.precision = _precision(cfg, self.device)
+        self.model = GPT(cfg.model_config(vocab_size)).to(self.device)
+        self.optimizer = configure_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else nullcontext
+        net: nn.Module = self.model
+        if self.distributed:
+            net = nn.parallel.DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.net = torch.compile(net) if cfg.compile else net
+        self.train_batches = BatchSampler(train_tokens, cfg.batch_size, cfg.context_length, seed=cfg.seed, device=self.device, rank=self.rank, world_size=self.world_size)
+        self.val_tokens = val_tokens
+        self.step = 0
+        self.out = Path(cfg.out_dir)
+        self.tokens_per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum * self.world_size
+
+    # -- one optimisation step ---------------------------------------------------------------
+    def train_step(self) -> float:
+        cfg = self.cfg
+        lr = cosine_lr(self.step, max_lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr=cfg.lr * cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            x, y = self.train_batches.next()
+            sync = not self.distributed or micro == cfg.grad_accum - 1  # all-reduce once per step
+            with (nullcontext() if sync else self.net.no_sync()), self.autocast():
+                _, loss = self.net(x, y)
+                loss = loss / cfg.grad_accum
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        if self.distributed:
+            torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.AVG)
+        value = total.item()
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"the loss became {value} at step {self.step}; the last checkpoint is kept. Lower lr (now {cfg.lr}), "
+                "keep grad_clip on, or use precision='fp32' to see whether low precision is the cause"
+            )
+        self.scaler.unscale_(self.optimizer)
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return value
+
+    @torch.no_grad()
+    def evaluate(self, tokens=None, batches: int | None = None) -> float:
+        """Mean loss over fixed validation windows (the same ones at every evaluation)."""
+        from .data import BatchSampler
+
+        sampler = BatchSampler(self.val_tokens if tokens is None else tokens, self.cfg.batch_size, self.cfg.context_length, seed=0, device=self.device)
+        self.model.eval()
+        losses = []
+        for _ in range(batches or self.cfg.eval_batches):
+            x, y = sampler.next()
+            with self.autocast():
+                losses.append(self.model(x, y)[1].float().item())
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "config": dataclasses.asdict(self.cfg),
+            "model_config": dataclasses.asdict(self.model.config),
+            "tokenizer": self.tokenizer_id,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "data": self.train_batches.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["model_config"] != dataclasses.asdict(self.model.config):
+            raise TrainingError(f"the checkpoint is of another model ({state['model_config']}); use another out_dir or the same model settings")
+        if state["tokenizer"] != self.tokenizer_id:
+            raise TrainingError("the checkpoint was trained with another tokenizer; its token ids would mean other things. Use another out_dir")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.train_batches.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step = state["step"]
+
+    def save(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        path = self.out / CHECKPOINT
+        save_checkpoint(path, self.state_dict())
+        return path
+
+    def resume(self) -> bool:
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            return False
+        self.load_state_dict(load_checkpoint(path))
+        metrics = self.out / METRICS
+        if self.rank == 0 and metrics.exists():  # forget steps logged after the checkpoint: they are redone
+            rows = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            metrics.write_text("".join(r + "\n" for r in rows))
+        return True
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self, until: int | None = None, progress: bool = True) -> list[dict[str, float]]:
+        """Train up to step ``until`` (default ``max_steps``), logging, evaluating and checkpointing."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        until = cfg.max_steps if until is None else until
+        history: list[dict[str, float]] = []
+        bar = tqdm(total=until, initial=self.step, desc="training", unit="step", disable=not progress or self.rank != 0)
+        flops = self.model.flops_per_token(cfg.context_length) * self.tokens_per_step
+        while self.step < until:
+            start = time.perf_counter()
+            loss = self.train_step()
+            seconds = time.perf_counter() - start
+            row = {"step": self.step, "loss": loss, "tokens_per_second": self.tokens_per_step / seconds, "flops_per_second": flops / seconds}
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == until):
+                row["val_loss"] = self.evaluate()
+            history.append(row)
+            if self.rank == 0:
+                self.out.mkdir(parents=True, exist_ok=True)
+                with open(self.out / METRICS, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == until):
+                self.save()
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_second']:,.0f}")
+            bar.update(1)
+        bar.close()
+        return history
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import data
+    from .tokenizer import load_course_tokenizer
+
+    parser = argparse.ArgumentParser(description="Pretrain the course GPT on TinyStories (resumes from OUT/checkpoint.pt).")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            kind = {"int": int, "float": float, "str": str}[field.type if isinstance(field.type, str) else field.type.__name__]
+            parser.add_argument(flag, type=kind, default=field.default)
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    tokenizer = load_course_tokenizer(quiet=True)
+    try:
+        trainer = Trainer(cfg, data.token_cache(tokenizer, "train"), data.token_cache(tokenizer, "val"), tokenizer.n_vocab, tokenizer_id=data.tokenizer_fingerprint(tokenizer))
+        if trainer.resume() and trainer.rank == 0:
+            print(f"resumed from {trainer.out / CHECKPOINT} at step {trainer.step}")
+        trainer.fit()
+    except (TrainingError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if trainer.rank == 0:
+        print(f"step {trainer.step}: validation loss {trainer.evaluate():.4f}")
+    if trainer.distributed:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The training engine: schedule, optimiser groups, exact resume, atomic checkpoints, DDP, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from course_utils import data
+from course_utils import tokenizer as bpe
+from course_utils.train import (
+    TrainConfig,
+    Trainer,
+    TrainingError,
+    configure_optimizer,
+    cosine_lr,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+VOCAB = 97
+TOKENS = np.random.default_rng(0).integers(0, VOCAB, 20_000).astype(np.uint16)
+
+
+def tiny(out_dir, **overrides) -> TrainConfig:
+    settings = dict(out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=32, context_length=16, batch_size=4, max_steps=8,
+                    warmup_steps=2, lr=1e-2, eval_every=0, checkpoint_every=0, seed=5, device="cpu")
+    return TrainConfig(**{**settings, **overrides})
+
+
+def test_warmup_then_cosine():
+    lr = [cosine_lr(s, max_lr=1.0, warmup_steps=10, max_steps=110, min_lr=0.1) for s in range(120)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(lr[:9], lr[1:10], strict=True))  # rising during warm-up
+    assert all(a >= b for a, b in zip(lr[10:109], lr[11:110], strict=True))  # then falling
+    assert lr[60] == pytest.approx(0.55) and lr[110] == lr[119] == 0.1
+
+
+def test_weight_decay_only_on_matrices():
+    trainer = Trainer(tiny("/tmp/unused"), TOKENS, TOKENS, VOCAB)
+    decay, no_decay = configure_optimizer(trainer.model, 1e-3, 0.1, (0.9, 0.95), "cpu").param_groups
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    assert all(names[id(p)].endswith("weight") and "ln" not in names[id(p)] and "wte" not in names[id(p)] for p in decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} >= {"wte.weight", "wpe.weight", "ln_f.weight", "h.0.attn.c_attn.bias"}
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    straight = Trainer(tiny(tmp_path / "a"), TOKENS, TOKENS, VOCAB)
+    losses = [row["loss"] for row in straight.fit(progress=False)]
+
+    first = Trainer(tiny(tmp_path / "b", checkpoint_every=3), TOKENS, TOKENS, VOCAB)
+    first.fit(until=3, progress=False)  # checkpoint at step 3
+    first.save = lambda: None
+    first.fit(until=5, progress=False)  # two more steps, logged but never checkpointed
+    del first  # as if the session had dropped
+    second = Trainer(tiny(tmp_path / "b"), TOKENS, TOKENS, VOCAB)
+    assert second.resume() and second.step == 3
+    resumed = [row["loss"] for row in second.fit(progress=False)]
+    assert resumed == losses[3:]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 9))  # the lost steps are not logged twice
+    for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_killed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"format": 1, "step": 1})
+
+    def dies_half_way(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the kernel was stopped mid-write
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"format": 1, "step": 2})
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_damaged_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainingError, match="damaged"):
+        Trainer(tiny(tmp_path), TOKENS, TOKENS, VOCAB).resume()
+
+
+def test_resuming_another_model_or_tokenizer_is_refused(tmp_path):
+    Trainer(tiny(tmp_path, checkpoint_every=1), TOKENS, TOKENS, VOCAB, tokenizer_id="A").fit(until=1, progress=False)
+    with pytest.raises(TrainingError, match="another model"):
+        Trainer(tiny(tmp_path, n_embd=64), TOKENS, TOKENS, VOCAB, tokenizer_id="A").resume()
+    with pytest.raises(TrainingError, match="another tokenizer"):
+        Trainer(tiny(tmp_path), TOKENS, TOKENS, VOCAB, tokenizer_id="B").resume()
+
+
+def test_nan_loss_stops_with_advice(tmp_path):
+    trainer = Trainer(tiny(tmp_path), TOKENS, TOKENS, VOCAB)
+    forward = trainer.net.forward
+    trainer.net.forward = lambda x, y: (lambda out: (out[0], out[1] * float("nan")))(forward(x, y))
+    with pytest.raises(TrainingError, match="at step 0.*Lower lr"):
+        trainer.fit(progress=False)
+
+
+def test_corpus_too_short_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="lower seq_len"):
+        Trainer(tiny(tmp_path), TOKENS[:10], TOKENS, VOCAB)
+
+
+def test_token_cache_is_rebuilt_when_the_tokenizer_changes(tmp_path, data_dir):
+    small = bpe.train_bpe_fast(data.tinystories("train")[:200], 300)
+    tokens = data.token_cache(small, "val", cache_dir=tmp_path)
+    assert tokens.dtype == np.uint16 and tokens[-1] == small.special_tokens[bpe.ENDOFTEXT]
+    assert small.decode(tokens[:50].tolist()) == data.tinystories("val")[0][: len(small.decode(tokens[:50].tolist()))]
+    other = bpe.train_bpe_fast(data.tinystories("train")[:200], 320)
+    data.token_cache(other, "val", cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("tinystories-val-*.bin"))) == 2
+    assert len(list(tmp_path.glob("*.tmp"))) == 0
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import numpy as np
+    from course_utils.train import TrainConfig, Trainer
+    tokens = np.random.default_rng(0).integers(0, 97, 20_000).astype(np.uint16)
+    cfg = TrainConfig(out_dir=sys.argv[1], n_layer=2, n_head=2, n_embd=32, context_length=16, batch_size=int(sys.argv[2]),
+                      max_steps=6, warmup_steps=2, lr=1e-2, eval_every=0, checkpoint_every=0, seed=5, device="cpu")
+    trainer = Trainer(cfg, tokens, tokens, 97)
+    losses = [row["loss"] for row in trainer.fit(progress=False)]
+    if trainer.rank == 0:
+        json.dump(losses, open(os.path.join(sys.argv[1], "losses.json"), "w"))
+    """
+)
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "8"], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "two"), "4"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-2000:]
+    single = json.loads((tmp_path / "one" / "losses.json").read_text())
+    ddp = json.loads((tmp_path / "two" / "losses.json").read_text())
+    assert len(single) == len(ddp) == 6
+    assert np.allclose(single, ddp, rtol=1e-4, atol=1e-5), (single, ddp)
