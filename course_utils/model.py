@@ -30,6 +30,9 @@ class GPTConfig:
     # The embedding and output layer get rows up to a multiple of this, so their matrix multiplies
     # use tensor-core friendly sizes; the extra rows are never a target and are cut from the logits.
     pad_vocab_to: int = 64
+    # "sdpa": PyTorch's fused kernels; "naive": the written-out softmax(QK^T/sqrt(d))V of Lab 02,
+    # kept for the speed ladder of Lab 04 (no dropout, no KV cache)
+    attention: str = "sdpa"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd", "pad_vocab_to"):
@@ -38,6 +41,8 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig.n_head={self.n_head} must divide n_embd={self.n_embd} (each head gets n_embd // n_head dimensions)")
+        if self.attention not in ("sdpa", "naive"):
+            raise ValueError(f"GPTConfig.attention must be 'sdpa' or 'naive', got {self.attention!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
 
@@ -111,6 +116,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
+        self.naive = config.attention == "naive"
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
@@ -119,7 +125,9 @@ class CausalSelfAttention(nn.Module):
         # (B, T, C) -> (B, nh, T, hs): heads become a batch dimension
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         dropout = self.dropout if self.training else 0.0
-        if cache is None or start == 0:
+        if self.naive and cache is None:
+            y = naive_attention(q, k, v, causal_mask(T, device=x.device))
+        elif cache is None or start == 0:
             if cache is not None:
                 cache.update(layer, k, v, 0)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)

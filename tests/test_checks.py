@@ -197,3 +197,53 @@ def _top_p_one_short(logits, p):
 def test_lab02_lab03_mistakes_get_an_actionable_verdict(exercise, fn, words):
     verdict = evaluate(exercise, fn)
     assert verdict.status == FAILED and words in verdict.message, verdict.message
+
+
+def _step_without_dividing(model, optimizer, batches, grad_clip):
+    total = 0.0
+    for x, y in batches:
+        _, loss = model(x, y)
+        loss.backward()  # sums the micro-batch gradients instead of averaging them
+        total += loss.item() / len(batches)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad()
+    return total
+
+
+def _step_without_clipping(model, optimizer, batches, grad_clip):
+    total = 0.0
+    for x, y in batches:
+        _, loss = model(x, y)
+        (loss / len(batches)).backward()
+        total += loss.item() / len(batches)
+    optimizer.step()
+    optimizer.zero_grad()
+    return total
+
+
+def _step_keeping_gradients(model, optimizer, batches, grad_clip):
+    total = 0.0
+    for x, y in batches:
+        _, loss = model(x, y)
+        (loss / len(batches)).backward()
+        total += loss.item() / len(batches)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return total
+
+
+@pytest.mark.parametrize(
+    "exercise, fn, words",
+    [
+        ("warmup_cosine_lr", lambda s, lr, w, m, lo: lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * min(s, m) / m)), "Warm-up"),
+        ("warmup_cosine_lr", lambda s, lr, w, m, lo: lr * (s + 1) / w if s < w else lr, "cos(pi*progress)"),
+        ("optimisation_step", _step_without_dividing, "Divide each micro-batch loss"),
+        ("optimisation_step", _step_without_clipping, "clip"),
+        ("optimisation_step", _step_keeping_gradients, "zero_grad"),
+        ("model_flops_utilisation", lambda n, nl, ne, t, tps, peak: 6 * n * tps / peak, "12 n_layer n_embd T"),
+    ],
+)
+def test_lab04_mistakes_get_an_actionable_verdict(exercise, fn, words):
+    verdict = evaluate(exercise, fn)
+    assert verdict.status == FAILED and words in verdict.message, verdict.message
