@@ -63,6 +63,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 20
     checkpoint_every: int = 100
+    sample_every: int = 0  # write a generated sample to samples.txt every so many steps (0: never)
     seed: int = 1337
     device: str = "auto"
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
@@ -173,10 +174,16 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             x, y = self.train_batches.next()
             sync = not self.distributed or micro == cfg.grad_accum - 1  # all-reduce once per step
-            with (nullcontext() if sync else self.net.no_sync()), self.autocast():
-                _, loss = self.net(x, y)
-                loss = loss / cfg.grad_accum
-            self.scaler.scale(loss).backward()
+            try:
+                with (nullcontext() if sync else self.net.no_sync()), self.autocast():
+                    _, loss = self.net(x, y)
+                    loss = loss / cfg.grad_accum
+                self.scaler.scale(loss).backward()
+            except torch.OutOfMemoryError as e:
+                raise TrainingError(
+                    f"out of GPU memory at batch_size={cfg.batch_size}, context_length={cfg.context_length}: lower batch_size "
+                    f"and raise grad_accum by the same factor to keep the global batch ({self.tokens_per_step:,} tokens per step)"
+                ) from e
             total += loss.detach()
         if self.distributed:
             torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.AVG)
@@ -257,9 +264,23 @@ class Trainer:
             metrics.write_text("".join(r + "\n" for r in rows))
         return True
 
+    def _write_sample(self, decode, prompt: int) -> None:
+        from .model import generate
+
+        start = torch.full((1, 1), prompt, dtype=torch.long, device=self.device)
+        state = torch.get_rng_state()  # sampling must not disturb the training run's randomness
+        ids = generate(self.model, start, min(64, self.cfg.context_length - 1), temperature=0.8, top_k=50,
+                       generator=torch.Generator(device=self.device).manual_seed(self.step))
+        torch.set_rng_state(state)
+        with open(self.out / "samples.txt", "a") as f:
+            f.write(f"step {self.step}: {decode(ids[0, 1:].tolist())}\n")
+
     # -- the loop ---------------------------------------------------------------------------------
-    def fit(self, until: int | None = None, progress: bool = True) -> list[dict[str, float]]:
-        """Train up to step ``until`` (default ``max_steps``), logging, evaluating and checkpointing."""
+    def fit(self, until: int | None = None, progress: bool = True, decode=None, sample_prompt: int = 0) -> list[dict[str, float]]:
+        """Train up to step ``until`` (default ``max_steps``), logging, evaluating and checkpointing.
+
+        With ``decode`` (ids -> text) and ``sample_every``, a short sample that follows the token
+        ``sample_prompt`` (say, end-of-text) is appended to samples.txt."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -267,6 +288,7 @@ class Trainer:
         history: list[dict[str, float]] = []
         bar = tqdm(total=until, initial=self.step, desc="training", unit="step", disable=not progress or self.rank != 0)
         flops = self.model.flops_per_token(cfg.context_length) * self.tokens_per_step
+        peak = peak_flops(self.device)
         while self.step < until:
             start = time.perf_counter()
             loss = self.train_step()
@@ -281,7 +303,12 @@ class Trainer:
                     f.write(json.dumps(row) + "\n")
             if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == until):
                 self.save()
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_second']:,.0f}")
+            if decode is not None and cfg.sample_every and self.step % cfg.sample_every == 0 and self.rank == 0:
+                self._write_sample(decode, sample_prompt)
+            postfix = {"loss": f"{loss:.3f}", "tok_s": f"{row['tokens_per_second']:,.0f}"}
+            if peak:
+                postfix["mfu"] = f"{row['flops_per_second'] / peak:.2f}"
+            bar.set_postfix(postfix)
             bar.update(1)
         bar.close()
         return history
@@ -305,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, data.token_cache(tokenizer, "train"), data.token_cache(tokenizer, "val"), tokenizer.n_vocab, tokenizer_id=data.tokenizer_fingerprint(tokenizer))
         if trainer.resume() and trainer.rank == 0:
             print(f"resumed from {trainer.out / CHECKPOINT} at step {trainer.step}")
-        trainer.fit()
+        trainer.fit(decode=tokenizer.decode, sample_prompt=tokenizer.special_tokens["<|endoftext|>"])
     except (TrainingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -151,3 +151,23 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     ddp = json.loads((tmp_path / "two" / "losses.json").read_text())
     assert len(single) == len(ddp) == 6
     assert np.allclose(single, ddp, rtol=1e-4, atol=1e-5), (single, ddp)
+
+
+def test_out_of_memory_names_the_setting_to_lower(tmp_path):
+    trainer = Trainer(tiny(tmp_path), TOKENS, TOKENS, VOCAB)
+
+    def no_memory(x, y):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    trainer.net.forward = no_memory
+    with pytest.raises(TrainingError, match="lower batch_size and raise grad_accum"):
+        trainer.fit(progress=False)
+
+
+def test_samples_during_training_leave_the_run_unchanged(tmp_path):
+    plain = [r["loss"] for r in Trainer(tiny(tmp_path / "a"), TOKENS, TOKENS, VOCAB).fit(progress=False)]
+    trainer = Trainer(tiny(tmp_path / "b", sample_every=4), TOKENS, TOKENS, VOCAB)
+    sampled = [r["loss"] for r in trainer.fit(progress=False, decode=lambda ids: " ".join(map(str, ids)))]
+    assert sampled == plain
+    lines = (tmp_path / "b" / "samples.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["step 4", "step 8"]
