@@ -56,6 +56,34 @@ def tinystories_sha256(split: str = "train", data: Path | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Corpora as `datasets` datasets
+# ---------------------------------------------------------------------------------------------
+
+HUB_DATASET = "roneneldan/TinyStories"
+
+
+def stories_dataset(split: str = "train", source: str = "shipped", n_stories: int | None = None, data: Path | None = None):
+    """TinyStories as a Hugging Face ``datasets`` dataset with a ``text`` column.
+
+    ``source="shipped"``: the subset in ``data/`` (offline, the default). ``source="hub"``: the full
+    ``roneneldan/TinyStories`` (about 2.1M stories) streamed from the Hugging Face hub, which needs
+    network access; ``n_stories`` takes only the first stories of the stream.
+    """
+    import datasets
+
+    if source == "shipped":
+        stories = tinystories(split, data)
+        return datasets.Dataset.from_dict({"text": stories[:n_stories] if n_stories else stories})
+    if source == "hub":
+        hub_split = {"train": "train", "val": "validation"}.get(split)
+        if hub_split is None:
+            raise ValueError(f"split={split!r}: the hub has 'train' and 'val' (its 'validation')")
+        stream = datasets.load_dataset(HUB_DATASET, split=hub_split, streaming=True)
+        return stream.take(n_stories) if n_stories else stream
+    raise ValueError(f"source={source!r}: use 'shipped' (offline) or 'hub' (network)")
+
+
+# ---------------------------------------------------------------------------------------------
 # Token caches and batches
 # ---------------------------------------------------------------------------------------------
 
@@ -68,10 +96,19 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def token_cache(tokenizer, split: str = "train", cache_dir: Path | None = None, data: Path | None = None):
+def token_cache(
+    tokenizer,
+    split: str = "train",
+    cache_dir: Path | None = None,
+    data: Path | None = None,
+    *,
+    source: str = "shipped",
+    n_stories: int | None = None,
+):
     """The ids of a TinyStories split as a read-only ``uint16`` memmap, each story followed by
-    ``<|endoftext|>``. Built once with tiktoken and cached under ``runs/cache/``; the file name holds
-    a hash of the text and the tokenizer, so a change to either builds a new cache."""
+    ``<|endoftext|>``. The stories come through :func:`stories_dataset` and are encoded with tiktoken
+    in batches of 1,000, once, then cached under ``runs/cache/``; the file name holds a hash of the
+    text (or of the hub source) and of the tokenizer, so a change to either builds a new cache."""
     import numpy as np
 
     if tokenizer.n_vocab > 2**16:
@@ -81,15 +118,19 @@ def token_cache(tokenizer, split: str = "train", cache_dir: Path | None = None, 
         raise ValueError(f"the tokenizer has no {ENDOFTEXT_LINE} token to separate stories; train it with that special token")
     data = data or data_dir()
     cache_dir = Path(cache_dir) if cache_dir else data.parent / "runs" / "cache"
-    key = hashlib.sha256((tinystories_sha256(split, data) + tokenizer_fingerprint(tokenizer)).encode()).hexdigest()[:16]
-    path = cache_dir / f"tinystories-{split}-{key}.bin"
+    text_id = tinystories_sha256(split, data) if source == "shipped" else f"{HUB_DATASET}:{split}:{n_stories}"
+    text_id += f":{n_stories}" if source == "shipped" and n_stories else ""
+    key = hashlib.sha256((text_id + tokenizer_fingerprint(tokenizer)).encode()).hexdigest()[:16]
+    path = cache_dir / f"tinystories-{source}-{split}-{key}.bin"
     if not path.exists():
         encoding = tokenizer.to_tiktoken()
-        stories = tinystories(split, data)
         ids: list[int] = []
-        for encoded in encoding.encode_ordinary_batch(stories):
-            ids.extend(encoded)
-            ids.append(eot)
+        for batch in stories_dataset(split, source, n_stories, data).iter(batch_size=1000):
+            for encoded in encoding.encode_ordinary_batch(batch["text"]):
+                ids.extend(encoded)
+                ids.append(eot)
+        if not ids:
+            raise ValueError(f"the {source} {split} corpus is empty; check the data (git checkout data/) or n_stories")
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         np.asarray(ids, dtype=np.uint16).tofile(tmp)

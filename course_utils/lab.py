@@ -234,3 +234,14 @@ def setup(seed: int = 1337, *, quiet: bool = False, **overrides: Any) -> Lab:
     if not quiet:
         print(lab.describe())
     return lab
+
+
+def online(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether ``host`` can be reached: optional online cells run only then, and skip otherwise."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False

@@ -116,7 +116,7 @@ def test_token_cache_is_rebuilt_when_the_tokenizer_changes(tmp_path, data_dir):
     assert small.decode(tokens[:50].tolist()) == data.tinystories("val")[0][: len(small.decode(tokens[:50].tolist()))]
     other = bpe.train_bpe_fast(data.tinystories("train")[:200], 320)
     data.token_cache(other, "val", cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("tinystories-val-*.bin"))) == 2
+    assert len(list(tmp_path.glob("tinystories-shipped-val-*.bin"))) == 2
     assert len(list(tmp_path.glob("*.tmp"))) == 0
 
 
@@ -171,3 +171,23 @@ def test_samples_during_training_leave_the_run_unchanged(tmp_path):
     assert sampled == plain
     lines = (tmp_path / "b" / "samples.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in lines] == ["step 4", "step 8"]
+
+
+def test_hub_source_streams_through_datasets(tmp_path, monkeypatch):
+    """The online path, with the hub replaced by a local stream: same calls, same cache logic."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, split, streaming):
+        calls.append((name, split, streaming))
+        return datasets.Dataset.from_dict({"text": ["Once upon a time.", "The end.", "Not taken."]}).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    tok = bpe.Tokenizer.load(data.data_dir() / "artefacts" / "tokenizer.json")
+    tokens = data.token_cache(tok, "val", cache_dir=tmp_path, source="hub", n_stories=2)
+    assert calls == [("roneneldan/TinyStories", "validation", True)]
+    eot = tok.special_tokens[bpe.ENDOFTEXT]
+    assert tok.decode(tokens.tolist()) == "Once upon a time.<|endoftext|>The end.<|endoftext|>" and tokens[-1] == eot
+    with pytest.raises(ValueError, match="source="):
+        data.stories_dataset("train", source="web")
