@@ -152,13 +152,15 @@ class BatchSampler:
     def __init__(self, tokens, batch_size: int, seq_len: int, *, seed: int = 0, device="cpu", rank: int = 0, world_size: int = 1):
         if len(tokens) <= seq_len + 1:
             raise ValueError(f"the corpus has {len(tokens)} tokens, too few for windows of seq_len={seq_len}; lower seq_len")
+        import torch  # imported here so that the tokeniser lab can use this module without torch
+
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
-        self.device, self.rank, self.world_size = torch_device(device), rank, world_size
-        self.generator = _torch().Generator().manual_seed(seed)
+        self.device, self.rank, self.world_size = torch.device(device), rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
 
     def next(self):
-        torch = _torch()
         import numpy as np
+        import torch
 
         starts = torch.randint(len(self.tokens) - self.seq_len - 1, (self.batch_size * self.world_size,), generator=self.generator)
         mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
@@ -173,13 +175,3 @@ class BatchSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-
-
-def _torch():
-    import torch
-
-    return torch
-
-
-def torch_device(device):
-    return _torch().device(device)
