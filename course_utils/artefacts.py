@@ -47,3 +47,77 @@ def write_card(artefact: Path, *, command: str, data: dict[str, str], metrics: d
 
 def read_card(artefact: Path) -> dict[str, Any]:
     return json.loads(card_path(artefact).read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model artefacts: 16-bit weights, checked against the card's hash when loaded
+# ---------------------------------------------------------------------------------------------
+
+MODEL_FORMAT = 1
+
+
+class ArtefactError(RuntimeError):
+    """An artefact is missing, damaged or does not belong with its tokenizer; the message says what to do."""
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_model(model, path: Path, *, tokenizer_id: str) -> int:
+    """Store ``model`` (a :class:`~course_utils.model.GPT`) with fp16 weights, its config and the
+    fingerprint of its tokenizer; returns the file's size in bytes. Tied weights are stored once."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    half = copy.deepcopy(model).to("cpu").half()  # converting the module keeps the tied matrix shared
+    payload = {"format": MODEL_FORMAT, "model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer_id, "model": half.state_dict()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path.stat().st_size
+
+
+def load_model(path: Path, *, tokenizer_id: str | None = None, device: str = "cpu", dtype=None, verify: bool = True):
+    """Load a model stored by :func:`save_model`, in float32 (or ``dtype``) on ``device``.
+
+    With ``verify`` the file's sha256 must equal the one in its card (``model_sha256`` in the card's
+    metrics), so a truncated or altered file fails here with a clear message, not later with
+    nonsense; with ``tokenizer_id`` the model must have been trained with that tokenizer."""
+    import torch
+
+    from .model import GPT, GPTConfig
+
+    path = Path(path)
+    restore = "restore it with `git checkout data/artefacts` (or re-run the command in its card)"
+    if not path.exists():
+        raise ArtefactError(f"{path} is missing; {restore}")
+    if verify:
+        card = card_path(path)
+        if not card.exists():
+            raise ArtefactError(f"{card} (the card of {path.name}) is missing; {restore}")
+        expected = read_card(path).get("metrics", {}).get("model_sha256")
+        if expected and file_sha256(path) != expected:
+            raise ArtefactError(f"{path} does not match the hash in its card: it is damaged or was replaced; {restore}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ArtefactError(f"{path} cannot be read ({type(e).__name__}: {e}); {restore}") from e
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise ArtefactError(f"{path} is not a model artefact of this course (format {MODEL_FORMAT})")
+    if tokenizer_id is not None and payload["tokenizer"] != tokenizer_id:
+        raise ArtefactError(f"{path} was trained with another tokenizer than the one given; load the tokenizer that ships beside it")
+    model = GPT(GPTConfig(**payload["model_config"]))
+    model.load_state_dict({k: v.float() for k, v in payload["model"].items()})
+    model.eval()
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

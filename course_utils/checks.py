@@ -168,7 +168,8 @@ def score(lab: str) -> dict[str, Verdict]:
     return rows
 
 
-LAB_MODULES = ("course_utils.checks_lab01", "course_utils.checks_lab02", "course_utils.checks_lab03", "course_utils.checks_lab04")
+LAB_MODULES = ("course_utils.checks_lab01", "course_utils.checks_lab02", "course_utils.checks_lab03", "course_utils.checks_lab04",
+               "course_utils.checks_lab05")
 
 
 def _load_all_labs() -> None:

@@ -109,28 +109,40 @@ def token_cache(
     ``<|endoftext|>``. The stories come through :func:`stories_dataset` and are encoded with tiktoken
     in batches of 1,000, once, then cached under ``runs/cache/``; the file name holds a hash of the
     text (or of the hub source) and of the tokenizer, so a change to either builds a new cache."""
+    data = data or data_dir()
+    text_id = tinystories_sha256(split, data) if source == "shipped" else f"{HUB_DATASET}:{split}:{n_stories}"
+    text_id += f":{n_stories}" if source == "shipped" and n_stories else ""
+    batches = (batch["text"] for batch in stories_dataset(split, source, n_stories, data).iter(batch_size=1000))
+    return _cached_ids(tokenizer, f"tinystories-{source}-{split}", text_id, batches, Path(cache_dir) if cache_dir else data.parent / "runs" / "cache")
+
+
+def world_token_cache(tokenizer, world, cache_dir: Path | None = None):
+    """The ids of a world's pretraining biographies (:meth:`World.pretraining_documents`), each followed
+    by ``<|endoftext|>``, cached like :func:`token_cache` under a hash of the text and the tokenizer."""
+    stem, digest = f"world-{world.seed}", world.pretraining_sha256()
+    return _cached_ids(tokenizer, stem, digest, [world.pretraining_documents()], Path(cache_dir) if cache_dir else data_dir().parent / "runs" / "cache")
+
+
+def _cached_ids(tokenizer, stem: str, text_id: str, batches, cache_dir: Path):
+    """Encode batches of documents once into ``cache_dir/<stem>-<hash>.bin`` and map it read-only."""
     import numpy as np
 
     if tokenizer.n_vocab > 2**16:
         raise ValueError(f"a vocabulary of {tokenizer.n_vocab} ids does not fit in uint16 token caches (at most 65,536)")
     eot = tokenizer.special_tokens.get(ENDOFTEXT_LINE)
     if eot is None:
-        raise ValueError(f"the tokenizer has no {ENDOFTEXT_LINE} token to separate stories; train it with that special token")
-    data = data or data_dir()
-    cache_dir = Path(cache_dir) if cache_dir else data.parent / "runs" / "cache"
-    text_id = tinystories_sha256(split, data) if source == "shipped" else f"{HUB_DATASET}:{split}:{n_stories}"
-    text_id += f":{n_stories}" if source == "shipped" and n_stories else ""
+        raise ValueError(f"the tokenizer has no {ENDOFTEXT_LINE} token to separate documents; train it with that special token")
     key = hashlib.sha256((text_id + tokenizer_fingerprint(tokenizer)).encode()).hexdigest()[:16]
-    path = cache_dir / f"tinystories-{source}-{split}-{key}.bin"
+    path = cache_dir / f"{stem}-{key}.bin"
     if not path.exists():
         encoding = tokenizer.to_tiktoken()
         ids: list[int] = []
-        for batch in stories_dataset(split, source, n_stories, data).iter(batch_size=1000):
-            for encoded in encoding.encode_ordinary_batch(batch["text"]):
+        for batch in batches:
+            for encoded in encoding.encode_ordinary_batch(list(batch)):
                 ids.extend(encoded)
                 ids.append(eot)
         if not ids:
-            raise ValueError(f"the {source} {split} corpus is empty; check the data (git checkout data/) or n_stories")
+            raise ValueError(f"the corpus {stem} is empty; check the data (git checkout data/) or n_stories")
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         np.asarray(ids, dtype=np.uint16).tofile(tmp)
@@ -147,14 +159,25 @@ class BatchSampler:
     Every call draws the *global* batch (``batch_size * world_size`` windows) from one seeded
     generator and keeps this rank's slice, so any number of processes sees the same global batch,
     and the generator's state is the exact data position for resuming.
+
+    ``tokens`` may also be a list of arrays with ``weights``: each window then comes from array ``i``
+    with probability ``weights[i]`` (a pretraining mixture), drawn from the same generator.
     """
 
-    def __init__(self, tokens, batch_size: int, seq_len: int, *, seed: int = 0, device="cpu", rank: int = 0, world_size: int = 1):
-        if len(tokens) <= seq_len + 1:
-            raise ValueError(f"the corpus has {len(tokens)} tokens, too few for windows of seq_len={seq_len}; lower seq_len")
+    def __init__(self, tokens, batch_size: int, seq_len: int, *, seed: int = 0, device="cpu", rank: int = 0, world_size: int = 1, weights=None):
         import torch  # imported here so that the tokeniser lab can use this module without torch
 
-        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+        self.sources = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens]
+        if weights is None and len(self.sources) > 1:
+            raise ValueError(f"{len(self.sources)} token arrays need weights, one each")
+        if weights is not None and (len(weights) != len(self.sources) or min(weights) < 0 or sum(weights) <= 0):
+            raise ValueError(f"weights={list(weights)}: give one non-negative weight per token array, not all zero")
+        for src in self.sources:
+            if len(src) <= seq_len + 1:
+                raise ValueError(f"the corpus has {len(src)} tokens, too few for windows of seq_len={seq_len}; lower seq_len")
+        self.tokens = self.sources[0]
+        self.weights = torch.tensor([float(w) for w in weights]) if weights is not None and len(self.sources) > 1 else None
+        self.batch_size, self.seq_len = batch_size, seq_len
         self.device, self.rank, self.world_size = torch.device(device), rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -162,9 +185,16 @@ class BatchSampler:
         import numpy as np
         import torch
 
-        starts = torch.randint(len(self.tokens) - self.seq_len - 1, (self.batch_size * self.world_size,), generator=self.generator)
-        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
-        windows = torch.from_numpy(np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in mine]))
+        n = self.batch_size * self.world_size
+        if self.weights is None:
+            which = [0] * n
+            starts = torch.randint(len(self.tokens) - self.seq_len - 1, (n,), generator=self.generator).tolist()
+        else:
+            which = torch.multinomial(self.weights, n, replacement=True, generator=self.generator).tolist()
+            u = torch.rand(n, generator=self.generator).tolist()
+            starts = [int(f * (len(self.sources[i]) - self.seq_len - 1)) for i, f in zip(which, u, strict=True)]
+        mine = range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        windows = torch.from_numpy(np.stack([np.asarray(self.sources[which[k]][starts[k] : starts[k] + self.seq_len + 1], dtype=np.int64) for k in mine]))
         x, y = windows[:, :-1], windows[:, 1:]
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)

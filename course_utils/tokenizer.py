@@ -479,13 +479,25 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="Train the course tokenizer on the TinyStories subset (rustbpe).")
     parser.add_argument("--vocab-size", type=int, default=COURSE_VOCAB_SIZE)
-    parser.add_argument("--out", type=Path, default=None, help="default: data/artefacts/tokenizer.json")
+    parser.add_argument("--world-seed", type=int, default=None,
+                        help="also train on the pretraining biographies of the fictional world with this seed (the base model's tokenizer)")
+    parser.add_argument("--out", type=Path, default=None, help="default: data/artefacts/tokenizer.json, or base_tokenizer.json with --world-seed")
     args = parser.parse_args(argv)
-    out = args.out or corpora.data_root() / "artefacts" / "tokenizer.json"
+    default = "tokenizer.json" if args.world_seed is None else "base_tokenizer.json"
+    out = args.out or corpora.data_root() / "artefacts" / default
     train = corpora.tinystories("train")
     val = corpora.tinystories("val")
+    hashes = {"tinystories_train": corpora.tinystories_sha256("train")}
+    extra: list[str] = []
+    if args.world_seed is not None:
+        from .world import make_world
+
+        world = make_world(args.world_seed)
+        extra = world.pretraining_documents()
+        hashes["world_pretraining"] = world.pretraining_sha256()
     start = time.perf_counter()
-    tok = train_bpe_fast(train, args.vocab_size, name=f"course-bpe-{args.vocab_size}")
+    name = f"course-bpe-{args.vocab_size}" + ("" if args.world_seed is None else f"-world{args.world_seed}")
+    tok = train_bpe_fast(train + extra, args.vocab_size, name=name)
     seconds = time.perf_counter() - start
     tok.save(out)
     metrics = {
@@ -494,8 +506,12 @@ def main(argv: list[str] | None = None) -> int:
         "bytes_per_token_train": round(bytes_per_token(tok, train), 4),
         "train_seconds": round(seconds, 2),
     }
+    if args.world_seed is not None:
+        retrieval = [bio for p in world.split("retrieval") for bio in p.biographies]
+        metrics["bytes_per_token_world_pretraining"] = round(bytes_per_token(tok, extra), 4)
+        metrics["bytes_per_token_world_retrieval"] = round(bytes_per_token(tok, retrieval), 4)
     command = "python -m course_utils.tokenizer " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_card(out, command=command.strip(), data={"tinystories_train": corpora.tinystories_sha256("train")}, metrics=metrics)
+    write_card(out, command=command.strip(), data=hashes, metrics=metrics)
     print(f"wrote {out}: {metrics}")
     return 0
 

@@ -68,6 +68,10 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     compile: bool = False
+    # data (the command line; the notebooks pass token arrays to Trainer themselves)
+    tokenizer: str = ""  # a tokenizer file; empty: the course tokenizer (yours in runs/, else the shipped one)
+    world_fraction: float = 0.0  # share of training windows drawn from the fictional world's biographies
+    world_seed: int = 0
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(vocab_size=vocab_size, context_length=self.context_length, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout)
@@ -131,10 +135,29 @@ def _precision(cfg: TrainConfig, device: torch.device) -> str:
     return "fp32"
 
 
-class Trainer:
-    """Holds everything a run needs and steps it. ``train_tokens``/``val_tokens`` are 1-D token arrays."""
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, tokens, batch_size: int, seq_len: int, batches: int, *, autocast=nullcontext) -> float:
+    """Mean next-token loss of ``model`` over ``batches`` fixed (seed 0) random (batch_size, seq_len)
+    windows of ``tokens``: the same windows every call, so values are comparable across a run."""
+    from .data import BatchSampler
 
-    def __init__(self, cfg: TrainConfig, train_tokens, val_tokens, vocab_size: int, *, tokenizer_id: str = "", log=print):
+    sampler = BatchSampler(tokens, batch_size, seq_len, seed=0, device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    losses = []
+    for _ in range(batches):
+        x, y = sampler.next()
+        with autocast():
+            losses.append(model(x, y)[1].float().item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+class Trainer:
+    """Holds everything a run needs and steps it. ``train_tokens``/``val_tokens`` are 1-D token arrays;
+    ``train_tokens`` may be a list of arrays mixed with ``train_weights`` (see :class:`BatchSampler`)."""
+
+    def __init__(self, cfg: TrainConfig, train_tokens, val_tokens, vocab_size: int, *, tokenizer_id: str = "", log=print, train_weights=None):
         from .data import BatchSampler
 
         self.cfg, self.log, self.tokenizer_id = cfg, log, tokenizer_id
@@ -158,7 +181,8 @@ class Trainer:
         if self.distributed:
             net = nn.parallel.DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.net = torch.compile(net) if cfg.compile else net
-        self.train_batches = BatchSampler(train_tokens, cfg.batch_size, cfg.context_length, seed=cfg.seed, device=self.device, rank=self.rank, world_size=self.world_size)
+        self.train_batches = BatchSampler(train_tokens, cfg.batch_size, cfg.context_length, seed=cfg.seed, device=self.device, rank=self.rank, world_size=self.world_size,
+                                          weights=train_weights)
         self.val_tokens = val_tokens
         self.step = 0
         self.out = Path(cfg.out_dir)
@@ -202,20 +226,10 @@ class Trainer:
         self.step += 1
         return value
 
-    @torch.no_grad()
     def evaluate(self, tokens=None, batches: int | None = None) -> float:
         """Mean loss over fixed validation windows (the same ones at every evaluation)."""
-        from .data import BatchSampler
-
-        sampler = BatchSampler(self.val_tokens if tokens is None else tokens, self.cfg.batch_size, self.cfg.context_length, seed=0, device=self.device)
-        self.model.eval()
-        losses = []
-        for _ in range(batches or self.cfg.eval_batches):
-            x, y = sampler.next()
-            with self.autocast():
-                losses.append(self.model(x, y)[1].float().item())
-        self.model.train()
-        return sum(losses) / len(losses)
+        tokens = self.val_tokens if tokens is None else tokens
+        return evaluate_loss(self.model, tokens, self.cfg.batch_size, self.cfg.context_length, batches or self.cfg.eval_batches, autocast=self.autocast)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -314,39 +328,6 @@ class Trainer:
         return history
 
 
-def main(argv: list[str] | None = None) -> int:
-    from . import data
-    from .tokenizer import load_course_tokenizer
-
-    parser = argparse.ArgumentParser(description="Pretrain the course GPT on TinyStories (resumes from OUT/checkpoint.pt).")
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
-        else:
-            kind = {"int": int, "float": float, "str": str}[field.type if isinstance(field.type, str) else field.type.__name__]
-            parser.add_argument(flag, type=kind, default=field.default)
-    cfg = TrainConfig(**vars(parser.parse_args(argv)))
-    tokenizer = load_course_tokenizer(quiet=True)
-    try:
-        trainer = Trainer(cfg, data.token_cache(tokenizer, "train"), data.token_cache(tokenizer, "val"), tokenizer.n_vocab, tokenizer_id=data.tokenizer_fingerprint(tokenizer))
-        if trainer.resume() and trainer.rank == 0:
-            print(f"resumed from {trainer.out / CHECKPOINT} at step {trainer.step}")
-        trainer.fit(decode=tokenizer.decode, sample_prompt=tokenizer.special_tokens["<|endoftext|>"])
-    except (TrainingError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if trainer.rank == 0:
-        print(f"step {trainer.step}: validation loss {trainer.evaluate():.4f}")
-    if trainer.distributed:
-        torch.distributed.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 #: Dense tensor-core peak (FLOP/s) at the precision a GPU trains in here: bf16, or fp16 on a T4.
 #: From the vendors' data sheets; sparsity figures are halved away. Matched by substring of the name.
 PEAK_FLOPS = {"T4": 65e12, "L4": 121e12, "A100": 312e12, "H100": 989e12}
@@ -362,3 +343,45 @@ def peak_flops(device: torch.device | str) -> float | None:
         if key in name:
             return value
     return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import data
+    from .tokenizer import Tokenizer, TokenizerError, load_course_tokenizer
+
+    parser = argparse.ArgumentParser(description="Pretrain the course GPT on TinyStories, optionally mixed with the fictional "
+                                     "world's biographies (--world-fraction); resumes from OUT_DIR/checkpoint.pt.")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            kind = {"int": int, "float": float, "str": str}[field.type if isinstance(field.type, str) else field.type.__name__]
+            parser.add_argument(flag, type=kind, default=field.default)
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    try:
+        tokenizer = Tokenizer.load(Path(cfg.tokenizer)) if cfg.tokenizer else load_course_tokenizer(quiet=True)
+        if not 0 <= cfg.world_fraction < 1:
+            raise ValueError(f"world_fraction={cfg.world_fraction}: use a share in [0, 1)")
+        train, weights = data.token_cache(tokenizer, "train"), None
+        if cfg.world_fraction > 0:
+            from .world import make_world
+
+            train, weights = [train, data.world_token_cache(tokenizer, make_world(cfg.world_seed))], [1 - cfg.world_fraction, cfg.world_fraction]
+        trainer = Trainer(cfg, train, data.token_cache(tokenizer, "val"), tokenizer.n_vocab, tokenizer_id=data.tokenizer_fingerprint(tokenizer), train_weights=weights)
+        if trainer.resume() and trainer.rank == 0:
+            print(f"resumed from {trainer.out / CHECKPOINT} at step {trainer.step}")
+        trainer.fit(decode=tokenizer.decode, sample_prompt=tokenizer.special_tokens["<|endoftext|>"])
+    except (TrainingError, ValueError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if trainer.rank == 0:
+        print(f"step {trainer.step}: validation loss {trainer.evaluate():.4f}")
+    if trainer.distributed:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -191,3 +191,22 @@ def test_hub_source_streams_through_datasets(tmp_path, monkeypatch):
     assert tok.decode(tokens.tolist()) == "Once upon a time.<|endoftext|>The end.<|endoftext|>" and tokens[-1] == eot
     with pytest.raises(ValueError, match="source="):
         data.stories_dataset("train", source="web")
+
+
+def test_command_line_trains_on_the_world_mixture_and_resumes(tmp_path, data_dir, capsys):
+    """``python -m course_utils.train`` as a user types it: the stories mixed with the world's biographies."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "course_utils.train", "--out-dir", str(out), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+            "--context-length", "32", "--batch-size", "4", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "1",
+            "--checkpoint-every", "2", "--tokenizer", str(data_dir / "artefacts" / "base_tokenizer.json"), "--world-fraction", "0.5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(args + ["--max-steps", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = subprocess.run(args + ["--max-steps", "4"], capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from" in second.stdout and "step 4: validation loss" in second.stdout
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["world_fraction"] == 0.5
+    from course_utils.train import main
+
+    assert main(args[3:] + ["--max-steps", "2", "--world-fraction", "1.5"]) == 1
+    assert "world_fraction=1.5" in capsys.readouterr().err
