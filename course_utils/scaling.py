@@ -181,6 +181,8 @@ def run_sweep(runs: list[Run], train_tokens, val_tokens, vocab_size: int, *, con
     run warms up for 10% of its steps and decays on a cosine to 10% of ``lr``. With ``out`` each row is
     appended to that CSV as soon as it is done, and runs already in it are skipped, so an interrupted
     sweep resumes where it stopped."""
+    import shutil
+    import tempfile
     import time
 
     from tqdm.auto import tqdm
@@ -194,7 +196,7 @@ def run_sweep(runs: list[Run], train_tokens, val_tokens, vocab_size: int, *, con
         if key in done:
             rows.append(done[key])
             continue
-        cfg = TrainConfig(out_dir="", n_layer=run.n_layer, n_head=run.n_head, n_embd=run.n_embd, context_length=context_length,
+        cfg = TrainConfig(out_dir=tempfile.mkdtemp(prefix="sweep-"), n_layer=run.n_layer, n_head=run.n_head, n_embd=run.n_embd, context_length=context_length,
                           batch_size=batch_size, max_steps=1, lr=lr, eval_every=0, eval_batches=eval_batches, checkpoint_every=0,
                           seed=seed, device=device)
         trainer = Trainer(cfg, train_tokens, val_tokens, vocab_size, log=lambda *a: None)
@@ -205,6 +207,7 @@ def run_sweep(runs: list[Run], train_tokens, val_tokens, vocab_size: int, *, con
         cfg.max_steps, cfg.warmup_steps = steps, max(1, steps // 10)
         start = time.perf_counter()
         trainer.fit(progress=False)
+        shutil.rmtree(cfg.out_dir, ignore_errors=True)  # the per-step log of a sweep run is not kept
         row = {"budget": float(run.budget), "n_layer": run.n_layer, "n_embd": run.n_embd, "n_head": run.n_head,
                "params": float(trainer.model.num_parameters() - trainer.model.wpe.weight.numel()), "tokens": float(steps * trainer.tokens_per_step),
                "steps": steps, "flops": steps * per_step, "val_loss": trainer.evaluate(), "seconds": time.perf_counter() - start,

@@ -71,3 +71,15 @@ def test_lab05_checks_accept_the_reference_and_reject_mistakes():
     assert evaluate("huber_log_objective", objective).status == PASSED
     verdict = evaluate("huber_log_objective", squared)
     assert verdict.status == FAILED and "Huber" in verdict.message
+
+
+def test_a_sweep_records_its_runs_resumes_from_its_csv_and_leaves_no_logs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tokens = np.random.default_rng(0).integers(0, 64, 30_000).astype(np.uint16)
+    runs = scaling.isoflop_runs([2e8], [(1, 16), (1, 32)], head_dim=16)
+    rows = scaling.run_sweep(runs, tokens, tokens, 64, context_length=16, batch_size=4, eval_batches=2, device="cpu", out="s.csv", progress=False)
+    assert [r["n_embd"] for r in rows] == [16, 32] and all(r["flops"] == pytest.approx(2e8, rel=0.05) for r in rows)
+    assert rows[0]["tokens"] > rows[1]["tokens"]  # same compute: the smaller model sees more tokens
+    again = scaling.run_sweep(runs, tokens, tokens, 64, context_length=16, batch_size=4, device="cpu", out="s.csv", progress=False)
+    assert again == scaling.load_sweep("s.csv")  # read back, not retrained
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.csv"]
