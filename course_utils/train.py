@@ -155,9 +155,11 @@ def evaluate_loss(model: nn.Module, tokens, batch_size: int, seq_len: int, batch
 
 class Trainer:
     """Holds everything a run needs and steps it. ``train_tokens``/``val_tokens`` are 1-D token arrays;
-    ``train_tokens`` may be a list of arrays mixed with ``train_weights`` (see :class:`BatchSampler`)."""
+    ``train_tokens`` may be a list of arrays mixed with ``train_weights`` (see :class:`BatchSampler`).
+    ``train_batches`` replaces the token sampler by any object with ``next() -> (x, y)``,
+    ``state_dict()`` and ``load_state_dict()`` (fine-tuning batches of conversations, for example)."""
 
-    def __init__(self, cfg: TrainConfig, train_tokens, val_tokens, vocab_size: int, *, tokenizer_id: str = "", log=print, train_weights=None):
+    def __init__(self, cfg: TrainConfig, train_tokens, val_tokens, vocab_size: int, *, tokenizer_id: str = "", log=print, train_weights=None, train_batches=None):
         from .data import BatchSampler
 
         self.cfg, self.log, self.tokenizer_id = cfg, log, tokenizer_id
@@ -181,8 +183,8 @@ class Trainer:
         if self.distributed:
             net = nn.parallel.DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.net = torch.compile(net) if cfg.compile else net
-        self.train_batches = BatchSampler(train_tokens, cfg.batch_size, cfg.context_length, seed=cfg.seed, device=self.device, rank=self.rank, world_size=self.world_size,
-                                          weights=train_weights)
+        self.train_batches = train_batches or BatchSampler(train_tokens, cfg.batch_size, cfg.context_length, seed=cfg.seed, device=self.device,
+                                                           rank=self.rank, world_size=self.world_size, weights=train_weights)
         self.val_tokens = val_tokens
         self.step = 0
         self.out = Path(cfg.out_dir)

@@ -1,0 +1,394 @@
+"""Supervised fine-tuning: a chat format, masked labels, batches of conversations, and SFT data.
+
+A conversation is a list of turns ``{"role": "user" | "assistant", "content": str}``. It is rendered
+as token ids the same way for training and for generation::
+
+    <|endoftext|> <|user|> question <|end|> <|assistant|> answer <|end|> ...
+
+Only the assistant's tokens (its content and the ``<|end|>`` that closes it) are trained on: every
+other position gets the label ``IGNORE`` (-100), which the loss skips, so the prompt adds nothing to
+the loss or its gradient. Batches are padded on the right; causal attention never looks right, so an
+example never sees its padding or another example.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
+CHAT_TOKENS = (USER, ASSISTANT, END)
+EOT = "<|endoftext|>"
+IGNORE = -100
+
+
+class ChatFormatError(ValueError):
+    """A conversation, tokenizer or model that does not fit the chat format; the message says what to do."""
+
+
+def chat_tokenizer(tokenizer):
+    """The tokenizer with the three chat tokens added after its special tokens (ids of every existing
+    token unchanged). A tokenizer that has them already is returned as it is."""
+    from .tokenizer import Tokenizer
+
+    if all(t in tokenizer.special_tokens for t in CHAT_TOKENS):
+        return tokenizer
+    specials = list(tokenizer.special_tokens) + [t for t in CHAT_TOKENS if t not in tokenizer.special_tokens]
+    return Tokenizer(tokenizer.merges, tokenizer.pattern, specials, name=tokenizer.name + "-chat")
+
+
+def grow_vocabulary(model, n_vocab: int):
+    """A copy of ``model`` whose vocabulary is ``n_vocab`` ids: existing embedding rows are kept
+    exactly; new rows start at the mean of the existing ones (a neutral token, not noise). The
+    output layer is tied to the embedding, so it grows with it."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from .model import GPT
+
+    old = model.config.vocab_size
+    if n_vocab < old:
+        raise ChatFormatError(f"cannot shrink a vocabulary from {old} to {n_vocab} ids")
+    grown = GPT(dataclasses.replace(model.config, vocab_size=n_vocab)).to(next(model.parameters()).device)
+    state = copy.deepcopy(model.state_dict())
+    weight = state.pop("wte.weight")
+    state.pop("lm_head.weight", None)
+    new = grown.wte.weight.detach().clone()
+    new[:old] = weight[:old]
+    new[old:] = weight[:old].mean(dim=0)
+    state["wte.weight"] = new
+    state["lm_head.weight"] = new
+    grown.load_state_dict(state)
+    with torch.no_grad():
+        assert grown.lm_head.weight.data_ptr() == grown.wte.weight.data_ptr()
+    return grown
+
+
+def _check_conversation(conversation: Sequence[dict], *, for_generation: bool) -> None:
+    if not conversation:
+        raise ChatFormatError("the conversation is empty: give at least one user turn")
+    for k, turn in enumerate(conversation):
+        if not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant") or not isinstance(turn.get("content"), str):
+            raise ChatFormatError(f"turn {k} is {turn!r}: each turn is {{'role': 'user' or 'assistant', 'content': str}}")
+        expected = "user" if k % 2 == 0 else "assistant"
+        if turn["role"] != expected:
+            raise ChatFormatError(f"turn {k} is by the {turn['role']}; turns alternate, starting with the user")
+    last = conversation[-1]["role"]
+    if for_generation and last != "user":
+        raise ChatFormatError("to generate a reply, the conversation must end with a user turn")
+    if not for_generation and last != "assistant":
+        raise ChatFormatError("a training conversation must end with an assistant turn: there is nothing to learn from otherwise")
+
+
+def render(conversation: Sequence[dict], tokenizer, *, for_generation: bool = False, max_len: int | None = None) -> tuple[list[int], list[bool]]:
+    """Token ids of ``conversation`` and, per id, whether it is trained on (an assistant token).
+
+    With ``for_generation`` the conversation ends with a user turn and the ids end with
+    ``<|assistant|>``, where the model takes over. User text is encoded as plain text, so a user who
+    types ``<|end|>`` cannot forge a control token. ``max_len`` raises if the ids are longer."""
+    _check_conversation(conversation, for_generation=for_generation)
+    missing = [t for t in CHAT_TOKENS + (EOT,) if t not in tokenizer.special_tokens]
+    if missing:
+        raise ChatFormatError(f"the tokenizer lacks {missing}; use sft.chat_tokenizer(tokenizer) and grow the model with sft.grow_vocabulary")
+    special = tokenizer.special_tokens
+    ids, trained = [special[EOT]], [False]
+    for turn in conversation:
+        content = tokenizer.encode_ordinary(turn["content"])
+        if turn["role"] == "user":
+            piece = [special[USER], *content, special[END], special[ASSISTANT]]
+            ids += piece
+            trained += [False] * len(piece)
+        else:
+            ids += [*content, special[END]]
+            trained += [True] * (len(content) + 1)
+    if max_len is not None and len(ids) > max_len:
+        raise ChatFormatError(f"the conversation is {len(ids)} tokens, longer than the context of {max_len}; shorten it")
+    return ids, trained
+
+
+def labels_for(ids: Sequence[int], trained: Sequence[bool]) -> tuple[list[int], list[int]]:
+    """Inputs and next-token targets of one rendered conversation: ``targets[i]`` is ``ids[i + 1]``
+    where that token is trained on, else :data:`IGNORE`."""
+    return list(ids[:-1]), [t if keep else IGNORE for t, keep in zip(ids[1:], trained[1:], strict=True)]
+
+
+def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int):
+    """Pad (inputs, targets) pairs on the right into tensors (B, L): inputs with ``pad_id``, targets
+    with :data:`IGNORE`, so padding is never a target."""
+    import torch
+
+    length = max(len(x) for x, _ in examples)
+    x = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    for row, (inputs, targets) in enumerate(examples):
+        x[row, : len(inputs)] = torch.tensor(inputs)
+        y[row, : len(targets)] = torch.tensor(targets)
+    return x, y
+
+
+class ConversationSampler:
+    """Random batches of rendered conversations for :class:`~course_utils.train.Trainer` (its
+    ``train_batches``): the same ``next`` / ``state_dict`` / ``load_state_dict`` as the pretraining
+    sampler, so SFT checkpoints resume exactly too."""
+
+    def __init__(self, examples: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int, *, seed: int = 0, device="cpu"):
+        import torch
+
+        if not examples:
+            raise ChatFormatError("no SFT examples to train on")
+        self.examples, self.batch_size, self.pad_id = list(examples), batch_size, pad_id
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self):
+        import torch
+
+        picks = torch.randint(len(self.examples), (self.batch_size,), generator=self.generator).tolist()
+        x, y = collate([self.examples[k] for k in picks], self.pad_id)
+        return x.to(self.device), y.to(self.device)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def reply(model, tokenizer, conversation: Sequence[dict], *, max_new_tokens: int = 48, temperature: float = 0.0, generator=None) -> str:
+    """The model's next assistant turn for ``conversation`` (ending with a user turn), as text,
+    stopped at ``<|end|>`` (greedy by default)."""
+    return replies(model, tokenizer, [conversation], max_new_tokens=max_new_tokens, temperature=temperature, generator=generator)[0]
+
+
+def replies(model, tokenizer, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int = 48, temperature: float = 0.0,
+            generator=None, batch_size: int = 64) -> list[str]:
+    """:func:`reply` for many conversations; prompts of equal length share a batch (no padding)."""
+    import torch
+
+    from .model import generate
+
+    end = tokenizer.special_tokens.get(END)
+    context = model.config.context_length
+    prompts = [render(c, tokenizer, for_generation=True, max_len=context - 1)[0] for c in conversations]
+    if max(max(p) for p in prompts) >= model.config.vocab_size:
+        raise ChatFormatError(f"the model has {model.config.vocab_size} ids but the chat tokens need {tokenizer.n_vocab}; "
+                              "load an SFT checkpoint or grow the model with sft.grow_vocabulary")
+    device = next(model.parameters()).device
+    out: list[str] = [""] * len(prompts)
+    groups: dict[int, list[int]] = {}
+    for k, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(k)
+    for length, members in sorted(groups.items()):
+        for i in range(0, len(members), batch_size):
+            chunk = members[i : i + batch_size]
+            idx = torch.tensor([prompts[k] for k in chunk], device=device)
+            ids = generate(model, idx, min(max_new_tokens, context - length), temperature=temperature, generator=generator, eos_id=end)
+            for k, row in zip(chunk, ids[:, length:].tolist(), strict=True):
+                row = row[: row.index(end)] if end in row else row
+                out[k] = tokenizer.decode([t for t in row if t < len(tokenizer.vocab)])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT data from the world and the stories
+# ---------------------------------------------------------------------------------------------
+
+#: Answers in the biographies' own words, so fine-tuning teaches the model to *use* what pretraining stored.
+ANSWER_TEMPLATES = {
+    "birth_city": "{name} was born in {value}.",
+    "university": "{name} studied at {value}.",
+    "field": "{name} majored in {value}.",
+    "employer": "{name} works for {value}.",
+    "birth_date": "{name} was born on {value}.",
+}
+
+
+@dataclass
+class Item:
+    """One SFT example: a conversation and what it is (``kind``: qa, reading, story, reasoning)."""
+
+    conversation: list[dict]
+    kind: str
+    answer: str = ""  # the short answer, when there is one
+
+
+def qa_items(world, split: str) -> list[Item]:
+    """Closed-book questions about the people of ``split``, answered in a full sentence."""
+    items = []
+    for q in world.closed_book(split, tuple(ANSWER_TEMPLATES)):
+        answer = ANSWER_TEMPLATES[q["attribute"]].format(name=q["name"], value=q["answer"])
+        items.append(Item([{"role": "user", "content": q["question"]}, {"role": "assistant", "content": answer}], "qa", q["answer"]))
+    return items
+
+
+def reading_items(world, split: str, seed: int = 0) -> list[Item]:
+    """A biography in the prompt, then a question it answers: the skill retrieval needs."""
+    items = []
+    for q in world.reading_comprehension(split, seed):
+        if q["attribute"] not in ANSWER_TEMPLATES:
+            continue
+        answer = ANSWER_TEMPLATES[q["attribute"]].format(name=q["name"], value=q["answer"])
+        prompt = f"Read this text and answer the question.\n{q['context']}\nQuestion: {q['question']}"
+        items.append(Item([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], "reading", q["answer"]))
+    return items
+
+
+def story_items(stories: Sequence[str], n: int, seed: int = 0, max_chars: int = 600) -> list[Item]:
+    """"Write a short story that uses the words …" with three words of a story, answered by that story
+    (stories longer than ``max_chars`` are skipped, to fit the context)."""
+    rng = random.Random(seed)
+    short = [s for s in stories if len(s) <= max_chars]
+    items = []
+    for story in rng.sample(short, min(n, len(short))):
+        words = sorted({w.strip(".,!?\"'").lower() for w in story.split() if len(w.strip(".,!?\"'")) >= 5 and w.isalpha()})
+        if len(words) < 3:
+            continue
+        chosen = rng.sample(words, 3)
+        prompt = f"Write a short story that uses the words \"{chosen[0]}\", \"{chosen[1]}\" and \"{chosen[2]}\"."
+        items.append(Item([{"role": "user", "content": prompt}, {"role": "assistant", "content": story}], "story"))
+    return items
+
+
+def worked_answer(problem: dict, world) -> str:
+    """A step-by-step answer to one of :meth:`World.reasoning_problems`, ending ``The answer is …``."""
+    people = [world.person(n) for n in problem["names"]]
+    if problem["kind"] == "age":
+        (p,) = people
+        year = int(problem["question"].rsplit(", ", 1)[1].rstrip("?"))
+        steps = f"{p.name} was born in {p.birth_year}. By the end of {year}, {p.name} was {year} - {p.birth_year} = {year - p.birth_year} years old."
+    else:
+        a, b = sorted(people, key=lambda q: q.birth_year)
+        steps = f"{a.name} was born in {a.birth_year} and {b.name} in {b.birth_year}. "
+        if problem["kind"] == "gap":
+            steps += f"{b.birth_year} - {a.birth_year} = {b.birth_year - a.birth_year}."
+        else:
+            steps += f"{a.birth_year} is earlier than {b.birth_year}, so {a.name} is older."
+    return f"{steps} The answer is {problem['answer']}."
+
+
+def reasoning_items(world, split: str, n: int, seed: int = 0) -> list[Item]:
+    """Reasoning problems with their facts in the prompt and a worked answer (the format Lab 09 rewards)."""
+    items = []
+    for problem in world.reasoning_problems(split, n, seed):
+        facts = [f for f in problem["facts"] if f not in problem["question"]]
+        prompt = " ".join(facts + [problem["question"]])
+        items.append(Item([{"role": "user", "content": prompt}, {"role": "assistant", "content": worked_answer(problem, world)}], "reasoning", problem["answer"]))
+    return items
+
+
+def sft_items(world, *, n_stories: int = 400, n_reasoning: int = 300, seed: int = 0) -> list[Item]:
+    """The reference SFT mixture: closed-book questions and reading-comprehension items about the
+    ``sft`` people only (the ``heldout`` people never appear, so they test generalisation), story
+    instructions from the training stories, and worked reasoning problems."""
+    from . import data
+
+    return (qa_items(world, "sft") + reading_items(world, "sft", seed) + story_items(data.tinystories("train"), n_stories, seed)
+            + reasoning_items(world, "sft", n_reasoning, seed))
+
+
+def exact_match(response: str, item: Item) -> bool:
+    """The reply equals the reference assistant turn, up to case, punctuation, articles and spacing."""
+    from .world import normalise_answer
+
+    return normalise_answer(response) == normalise_answer(item.conversation[-1]["content"])
+
+
+def evaluate_items(model, tokenizer, items: Sequence[Item]) -> float:
+    """Share of ``items`` whose greedy reply is an :func:`exact_match`."""
+    if not items:
+        raise ValueError("no items to evaluate")
+    answers = replies(model, tokenizer, [i.conversation[:-1] for i in items])
+    return sum(exact_match(a, i) for a, i in zip(answers, items, strict=True)) / len(items)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference SFT model
+# ---------------------------------------------------------------------------------------------
+
+SFT_MODEL = "sft_model.pt"
+
+
+def evaluation_sets(world, n: int = 300, seed: int = 0) -> dict[str, list[Item]]:
+    """Fixed random subsets (``n`` each) that the card and the labs measure on: closed-book questions
+    about the ``sft`` people (seen in fine-tuning) and the ``heldout`` people (only ever in pretraining),
+    and reading comprehension about the ``retrieval`` people (never seen at all)."""
+    sets = {"qa_sft": qa_items(world, "sft"), "qa_heldout": qa_items(world, "heldout"), "reading_unseen": reading_items(world, "retrieval", seed)}
+    return {k: random.Random(f"{seed}:{k}").sample(v, min(n, len(v))) for k, v in sets.items()}
+
+
+def load_sft_model(device: str = "cpu", data=None):
+    """The reference SFT model and its chat tokenizer from ``data/artefacts``: ``(model, tokenizer)``."""
+    from .artefacts import load_model
+    from .data import tokenizer_fingerprint
+    from .lab import data_dir
+    from .world import load_base_model
+
+    _, base_tokenizer = load_base_model(device, data)
+    tokenizer = chat_tokenizer(base_tokenizer)
+    return load_model((data or data_dir()) / "artefacts" / SFT_MODEL, tokenizer_id=tokenizer_fingerprint(tokenizer), device=device), tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import sys
+    import time
+    from pathlib import Path
+
+    from .artefacts import file_sha256, load_model, save_model, write_card
+    from .data import tokenizer_fingerprint
+    from .lab import data_dir
+    from .train import TrainConfig, Trainer, TrainingError
+    from .world import load_base_model, make_world
+
+    parser = argparse.ArgumentParser(description="Fine-tune the reference base model on the SFT mixture; write the SFT artefact and its card.")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/sft"), help="checkpoints (a run resumes from here)")
+    parser.add_argument("--out", type=Path, default=None, help="default: data/artefacts/sft_model.pt")
+    args = parser.parse_args(argv)
+    world = make_world(0)
+    base, base_tokenizer = load_base_model()
+    tokenizer = chat_tokenizer(base_tokenizer)
+    context = base.config.context_length
+    items = sft_items(world)
+    examples = [labels_for(*render(i.conversation, tokenizer, max_len=context)) for i in items]
+    cfg = TrainConfig(out_dir=str(args.out_dir), n_layer=base.config.n_layer, n_head=base.config.n_head, n_embd=base.config.n_embd,
+                      context_length=context, batch_size=args.batch_size, max_steps=args.steps, warmup_steps=max(1, args.steps // 20),
+                      lr=args.lr, weight_decay=0.0, eval_every=0, checkpoint_every=100)
+    sampler = ConversationSampler(examples, args.batch_size, tokenizer.special_tokens[EOT], seed=cfg.seed)
+    tokenizer_id = tokenizer_fingerprint(tokenizer)
+    try:
+        trainer = Trainer(cfg, None, None, tokenizer.n_vocab, tokenizer_id=tokenizer_id, train_batches=sampler)
+        trainer.model.load_state_dict(grow_vocabulary(base, tokenizer.n_vocab).state_dict())
+        trainer.resume()
+        start = time.perf_counter()
+        trainer.fit()
+        seconds = time.perf_counter() - start
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    out = args.out or data_dir() / "artefacts" / SFT_MODEL
+    size = save_model(trainer.model, out, tokenizer_id=tokenizer_id)
+    model = load_model(out, verify=False)  # measure what ships
+    grown_base = grow_vocabulary(base, tokenizer.n_vocab)
+    metrics: dict = {"parameters": model.num_parameters(), "file_bytes": size, "model_sha256": file_sha256(out), "steps": args.steps,
+                     "train_seconds_this_run": round(seconds, 1), "sft_examples": {k: sum(i.kind == k for i in items) for k in ("qa", "reading", "story", "reasoning")}}
+    for name, subset in evaluation_sets(world).items():
+        metrics[f"exact_match_{name}"] = round(evaluate_items(model, tokenizer, subset), 4)
+        metrics[f"base_exact_match_{name}"] = round(evaluate_items(grown_base, tokenizer, subset), 4)
+    prompts = ["Where was " + world.split("heldout")[0].name + " born?", "Write a short story that uses the words \"happy\", \"garden\" and \"ball\"."]
+    metrics["samples"] = {p: reply(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens=150) for p in prompts}
+    command = "python -m course_utils.sft " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_card(out, command=command.strip(), data={"world_pretraining": world.pretraining_sha256(), "base_model": file_sha256(data_dir() / "artefacts" / "base_model.pt"),
+                                                    "tokenizer": tokenizer_id}, metrics=metrics)
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
