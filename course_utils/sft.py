@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
 CHAT_TOKENS = (USER, ASSISTANT, END)
@@ -134,20 +135,27 @@ class ConversationSampler:
     ``train_batches``): the same ``next`` / ``state_dict`` / ``load_state_dict`` as the pretraining
     sampler, so SFT checkpoints resume exactly too."""
 
-    def __init__(self, examples: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int, *, seed: int = 0, device="cpu"):
+    def __init__(self, examples: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int, *, seed: int = 0, device="cpu",
+                 replay: Sequence[tuple[list[int], list[int]]] = (), replay_fraction: float = 0.0):
         import torch
 
         if not examples:
             raise ChatFormatError("no SFT examples to train on")
+        if not 0.0 <= replay_fraction < 1.0 or (replay_fraction > 0 and not replay):
+            raise ChatFormatError(f"replay_fraction={replay_fraction}: use a share in [0, 1), with replay examples when it is above 0")
         self.examples, self.batch_size, self.pad_id = list(examples), batch_size, pad_id
+        self.replay, self.n_replay = list(replay), round(replay_fraction * batch_size)
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self):
         import torch
 
-        picks = torch.randint(len(self.examples), (self.batch_size,), generator=self.generator).tolist()
-        x, y = collate([self.examples[k] for k in picks], self.pad_id)
+        picks = torch.randint(len(self.examples), (self.batch_size - self.n_replay,), generator=self.generator).tolist()
+        rows = [self.examples[k] for k in picks]
+        if self.n_replay:
+            rows += [self.replay[k] for k in torch.randint(len(self.replay), (self.n_replay,), generator=self.generator).tolist()]
+        x, y = collate(rows, self.pad_id)
         return x.to(self.device), y.to(self.device)
 
     def state_dict(self) -> dict:
@@ -166,6 +174,20 @@ def reply(model, tokenizer, conversation: Sequence[dict], *, max_new_tokens: int
 def replies(model, tokenizer, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int = 48, temperature: float = 0.0,
             generator=None, batch_size: int = 64) -> list[str]:
     """:func:`reply` for many conversations; prompts of equal length share a batch (no padding)."""
+    return [text for text, _ in _replies(model, tokenizer, conversations, max_new_tokens, temperature, generator, batch_size)]
+
+
+def format_compliance(model, tokenizer, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int = 48) -> float:
+    """Share of greedy replies that close themselves with ``<|end|>`` within ``max_new_tokens``
+    (a model that does not know the format runs on until it is cut off)."""
+    if not conversations:
+        raise ValueError("no conversations to reply to")
+    done = [stopped for _, stopped in _replies(model, tokenizer, conversations, max_new_tokens, 0.0, None, 64)]
+    return sum(done) / len(done)
+
+
+def _replies(model, tokenizer, conversations, max_new_tokens, temperature, generator, batch_size) -> list[tuple[str, bool]]:
+    """(reply text, whether it ended with ``<|end|>``) per conversation."""
     import torch
 
     from .model import generate
@@ -177,7 +199,7 @@ def replies(model, tokenizer, conversations: Sequence[Sequence[dict]], *, max_ne
         raise ChatFormatError(f"the model has {model.config.vocab_size} ids but the chat tokens need {tokenizer.n_vocab}; "
                               "load an SFT checkpoint or grow the model with sft.grow_vocabulary")
     device = next(model.parameters()).device
-    out: list[str] = [""] * len(prompts)
+    out: list[tuple[str, bool]] = [("", False)] * len(prompts)
     groups: dict[int, list[int]] = {}
     for k, p in enumerate(prompts):
         groups.setdefault(len(p), []).append(k)
@@ -187,8 +209,9 @@ def replies(model, tokenizer, conversations: Sequence[Sequence[dict]], *, max_ne
             idx = torch.tensor([prompts[k] for k in chunk], device=device)
             ids = generate(model, idx, min(max_new_tokens, context - length), temperature=temperature, generator=generator, eos_id=end)
             for k, row in zip(chunk, ids[:, length:].tolist(), strict=True):
-                row = row[: row.index(end)] if end in row else row
-                out[k] = tokenizer.decode([t for t in row if t < len(tokenizer.vocab)])
+                stopped = end in row
+                row = row[: row.index(end)] if stopped else row
+                out[k] = (tokenizer.decode([t for t in row if t < len(tokenizer.vocab)]), stopped)
     return out
 
 
@@ -279,14 +302,65 @@ def reasoning_items(world, split: str, n: int, seed: int = 0) -> list[Item]:
     return items
 
 
-def sft_items(world, *, n_stories: int = 400, n_reasoning: int = 300, seed: int = 0) -> list[Item]:
-    """The reference SFT mixture: closed-book questions and reading-comprehension items about the
-    ``sft`` people only (the ``heldout`` people never appear, so they test generalisation), story
-    instructions from the training stories, and worked reasoning problems."""
+def practice_world(world, n: int = 400, seed: int = 1):
+    """Other people, for reading-comprehension practice: the model cannot know their facts, so it can
+    only answer by reading the biography in the prompt (items about people it already knows would
+    teach it to ignore the text). Anyone whose name is also in ``world`` is left out."""
+    from .world import World, make_world
+
+    taken = {p.name for p in world.people}
+    other = make_world(seed, n_sft=n, n_heldout=0, n_retrieval=0)
+    return World(seed=other.seed, people=[p for p in other.people if p.name not in taken])
+
+
+def sft_items(world, *, n_stories: int = 400, n_reasoning: int = 300, n_practice: int = 1200, seed: int = 0) -> list[Item]:
+    """The reference SFT mixture: closed-book questions about the ``sft`` people only (the ``heldout``
+    people never appear, so they test generalisation), reading comprehension about
+    :func:`practice_world` people, story instructions from the training stories, and worked reasoning
+    problems about the ``sft`` people."""
     from . import data
 
-    return (qa_items(world, "sft") + reading_items(world, "sft", seed) + story_items(data.tinystories("train"), n_stories, seed)
-            + reasoning_items(world, "sft", n_reasoning, seed))
+    return (qa_items(world, "sft") + reading_items(practice_world(world, n_practice), "sft", seed)
+            + story_items(data.tinystories("train"), n_stories, seed) + reasoning_items(world, "sft", n_reasoning, seed))
+
+
+def instruction_data(data=None) -> list[dict]:
+    """The shipped real instruction set (``data/instructions/instruction-data.json``): 1,100
+    ``{instruction, input, output}`` records in the Alpaca style."""
+    import json
+
+    from .lab import data_dir
+
+    path = (data or data_dir()) / "instructions" / "instruction-data.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the course data folder is incomplete (see data/README.md)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def instruction_conversation(record: dict) -> list[dict]:
+    """One Alpaca-style record as a conversation: the instruction (and its input, when there is one)
+    as the user turn, the output as the assistant turn."""
+    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+
+
+def replay_examples(tokenizer, documents: Sequence[str], max_len: int) -> list[tuple[list[int], list[int]]]:
+    """Pretraining text to mix into fine-tuning batches, every token trained on (as in pretraining):
+    each document after ``<|endoftext|>``, cut to ``max_len`` inputs."""
+    eot = tokenizer.special_tokens[EOT]
+    out = []
+    for doc in documents:
+        ids = [eot, *tokenizer.encode_ordinary(doc)][: max_len + 1]
+        out.append((ids[:-1], ids[1:]))
+    return out
+
+
+def replay_documents(world, n_stories: int = 3000) -> list[str]:
+    """What the reference recipe replays: every pretraining biography and the first ``n_stories``
+    training stories (all of them seen in pretraining already)."""
+    from . import data
+
+    return world.pretraining_documents() + data.tinystories("train")[:n_stories]
 
 
 def exact_match(response: str, item: Item) -> bool:
@@ -331,6 +405,55 @@ def load_sft_model(device: str = "cpu", data=None):
     return load_model((data or data_dir()) / "artefacts" / SFT_MODEL, tokenizer_id=tokenizer_fingerprint(tokenizer), device=device), tokenizer
 
 
+def _check_recipe(out_dir, recipe: dict) -> None:
+    """Record what a run in ``out_dir`` trains on; refuse to resume a run made with other data or settings."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    path = out_dir / "recipe.sha256"
+    if path.exists() and path.read_text().strip() != digest:
+        raise ChatFormatError(f"{out_dir} holds a fine-tuning run with other data or settings; "
+                              "delete that folder to start again, or give another out_dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(digest + "\n")
+
+
+def finetune(base, tokenizer, items: Sequence[Item], out_dir, *, steps: int = 600, batch_size: int = 32, lr: float = 5e-4,
+             mask_prompt: bool = True, replay: Sequence[str] = (), replay_fraction: float = 0.0, replay_len: int = 200,
+             device: str = "auto", seed: int = 1337, checkpoint_every: int = 100):
+    """A :class:`~course_utils.train.Trainer` set up to fine-tune ``base`` (grown to the chat
+    vocabulary) on ``items``, resumed from ``out_dir`` when a checkpoint is there; call ``fit()``.
+
+    The recipe of the reference model: warm-up over 5% of the steps then cosine decay, no weight
+    decay, batches of whole conversations. ``mask_prompt=False`` trains on every token (the ablation).
+    With ``replay`` documents, ``replay_fraction`` of every batch is pretraining text (first
+    ``replay_len`` tokens of a document), which keeps the model from forgetting what it knew."""
+    from .data import tokenizer_fingerprint
+    from .train import TrainConfig, Trainer
+
+    context = base.config.context_length
+    examples = []
+    for item in items:
+        ids, trained = render(item.conversation, tokenizer, max_len=context + 1)
+        examples.append(labels_for(ids, trained if mask_prompt else [True] * len(ids)))
+    cfg = TrainConfig(out_dir=str(out_dir), n_layer=base.config.n_layer, n_head=base.config.n_head, n_embd=base.config.n_embd,
+                      context_length=context, batch_size=batch_size, max_steps=steps, warmup_steps=max(1, steps // 20), lr=lr,
+                      weight_decay=0.0, eval_every=0, checkpoint_every=checkpoint_every, seed=seed, device=device)
+    sampler = ConversationSampler(examples, batch_size, tokenizer.special_tokens[EOT], seed=seed,
+                                  replay=replay_examples(tokenizer, replay, min(replay_len, context)) if replay_fraction else (), replay_fraction=replay_fraction)
+    trainer = Trainer(cfg, None, None, tokenizer.n_vocab, tokenizer_id=tokenizer_fingerprint(tokenizer), train_batches=sampler)
+    sampler.device = trainer.device
+    _check_recipe(Path(out_dir), {"examples": examples, "replay": sampler.replay, "n_replay": sampler.n_replay,
+                                  "config": {k: v for k, v in vars(cfg).items() if k not in ("device", "out_dir", "checkpoint_every", "compile")}})
+    # batches are padded conversations, not full windows: count the tokens a step really holds, on average
+    mean = lambda rows: sum(len(x) for x, _ in rows) / len(rows)  # noqa: E731
+    trainer.tokens_per_step = round((batch_size - sampler.n_replay) * mean(examples) + (sampler.n_replay * mean(sampler.replay) if sampler.n_replay else 0))
+    trainer.model.load_state_dict(grow_vocabulary(base, tokenizer.n_vocab).state_dict())
+    trainer.resume()
+    return trainer
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
@@ -341,35 +464,29 @@ def main(argv: list[str] | None = None) -> int:
     from .artefacts import file_sha256, load_model, save_model, write_card
     from .data import tokenizer_fingerprint
     from .lab import data_dir
-    from .train import TrainConfig, Trainer, TrainingError
+    from .train import TrainingError
     from .world import load_base_model, make_world
 
     parser = argparse.ArgumentParser(description="Fine-tune the reference base model on the SFT mixture; write the SFT artefact and its card.")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--replay", type=float, default=0.25, help="share of each batch that is pretraining text")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/sft"), help="checkpoints (a run resumes from here)")
     parser.add_argument("--out", type=Path, default=None, help="default: data/artefacts/sft_model.pt")
     args = parser.parse_args(argv)
     world = make_world(0)
     base, base_tokenizer = load_base_model()
     tokenizer = chat_tokenizer(base_tokenizer)
-    context = base.config.context_length
     items = sft_items(world)
-    examples = [labels_for(*render(i.conversation, tokenizer, max_len=context)) for i in items]
-    cfg = TrainConfig(out_dir=str(args.out_dir), n_layer=base.config.n_layer, n_head=base.config.n_head, n_embd=base.config.n_embd,
-                      context_length=context, batch_size=args.batch_size, max_steps=args.steps, warmup_steps=max(1, args.steps // 20),
-                      lr=args.lr, weight_decay=0.0, eval_every=0, checkpoint_every=100)
-    sampler = ConversationSampler(examples, args.batch_size, tokenizer.special_tokens[EOT], seed=cfg.seed)
     tokenizer_id = tokenizer_fingerprint(tokenizer)
     try:
-        trainer = Trainer(cfg, None, None, tokenizer.n_vocab, tokenizer_id=tokenizer_id, train_batches=sampler)
-        trainer.model.load_state_dict(grow_vocabulary(base, tokenizer.n_vocab).state_dict())
-        trainer.resume()
+        trainer = finetune(base, tokenizer, items, args.out_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                           replay=replay_documents(world), replay_fraction=args.replay)
         start = time.perf_counter()
         trainer.fit()
         seconds = time.perf_counter() - start
-    except TrainingError as e:
+    except (TrainingError, ChatFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     out = args.out or data_dir() / "artefacts" / SFT_MODEL
@@ -377,10 +494,14 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(out, verify=False)  # measure what ships
     grown_base = grow_vocabulary(base, tokenizer.n_vocab)
     metrics: dict = {"parameters": model.num_parameters(), "file_bytes": size, "model_sha256": file_sha256(out), "steps": args.steps,
-                     "train_seconds_this_run": round(seconds, 1), "sft_examples": {k: sum(i.kind == k for i in items) for k in ("qa", "reading", "story", "reasoning")}}
+                     "train_seconds_this_run": round(seconds, 1), "sft_examples": {k: sum(i.kind == k for i in items) for k in ("qa", "reading", "story", "reasoning")},
+                     "replay_fraction": args.replay, "replay_documents": len(replay_documents(world))}
     for name, subset in evaluation_sets(world).items():
         metrics[f"exact_match_{name}"] = round(evaluate_items(model, tokenizer, subset), 4)
         metrics[f"base_exact_match_{name}"] = round(evaluate_items(grown_base, tokenizer, subset), 4)
+    heldout = [i.conversation[:-1] for i in evaluation_sets(world)["qa_heldout"]]
+    metrics["format_compliance_qa_heldout"] = round(format_compliance(model, tokenizer, heldout), 4)
+    metrics["base_format_compliance_qa_heldout"] = round(format_compliance(grown_base, tokenizer, heldout), 4)
     prompts = ["Where was " + world.split("heldout")[0].name + " born?", "Write a short story that uses the words \"happy\", \"garden\" and \"ball\"."]
     metrics["samples"] = {p: reply(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens=150) for p in prompts}
     command = "python -m course_utils.sft " + " ".join(argv if argv is not None else sys.argv[1:])

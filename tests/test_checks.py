@@ -247,3 +247,49 @@ def _step_keeping_gradients(model, optimizer, batches, grad_clip):
 def test_lab04_mistakes_get_an_actionable_verdict(exercise, fn, words):
     verdict = evaluate(exercise, fn)
     assert verdict.status == FAILED and words in verdict.message, verdict.message
+
+
+def _render_training_everything(conversation, tokenizer):
+    from course_utils import sft
+
+    ids, _ = sft.render(conversation, tokenizer)
+    return ids, [True] * len(ids)
+
+
+def _render_with_specials_in_text(conversation, tokenizer):
+    from course_utils import sft
+
+    special = tokenizer.special_tokens
+    ids, trained = [special[sft.EOT]], [False]
+    for turn in conversation:
+        content = tokenizer.encode(turn["content"], allowed_special="all")
+        if turn["role"] == "user":
+            piece = [special[sft.USER], *content, special[sft.END], special[sft.ASSISTANT]]
+            ids, trained = ids + piece, trained + [False] * len(piece)
+        else:
+            ids, trained = ids + [*content, special[sft.END]], trained + [True] * (len(content) + 1)
+    return ids, trained
+
+
+def _loss_over_everything(logits, targets):
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.clamp(min=0).reshape(-1))
+
+
+def _loss_summed(logits, targets):
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize(
+    "exercise, fn, words",
+    [
+        ("render_conversation", _render_training_everything, "Only the assistant's text"),
+        ("render_conversation", _render_with_specials_in_text, "encode_ordinary"),
+        ("shift_labels", lambda ids, trained: (ids[:-1], ids[1:]), "IGNORE (-100)"),
+        ("shift_labels", lambda ids, trained: (ids[:-1], [t if k else -100 for t, k in zip(ids[1:], trained[:-1], strict=True)]), "when that token is trained on"),
+        ("masked_loss", _loss_over_everything, "kept positions only"),
+        ("masked_loss", _loss_summed, "mean over kept positions"),
+    ],
+)
+def test_lab06_mistakes_get_an_actionable_verdict(exercise, fn, words):
+    verdict = evaluate(exercise, fn)
+    assert verdict.status == FAILED and words in verdict.message, verdict.message

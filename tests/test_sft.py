@@ -102,6 +102,19 @@ def test_sampler_resumes_exactly_and_pads_with_ignored_targets(chat_tok):
             assert (y[row, short:] == IGNORE).all()
 
 
+def test_replay_puts_fully_trained_pretraining_text_in_each_batch(chat_tok, w):
+    examples = [sft.labels_for(*sft.render(CONVERSATION, chat_tok))]
+    replay = sft.replay_examples(chat_tok, w.pretraining_documents()[:5], max_len=40)
+    assert all(len(x) == len(y) <= 40 and x[0] == chat_tok.special_tokens[sft.EOT] and x[1:] == y[:-1] for x, y in replay)
+    x, y = sft.ConversationSampler(examples, 8, 0, replay=replay, replay_fraction=0.25).next()
+    replayed = [row for row in range(8) if any(torch.equal(x[row, : len(r[0])], torch.tensor(r[0])) for r in replay)]
+    assert replayed == [6, 7]
+    assert all((y[row, : len(x_) - 1] != IGNORE).all() for row in replayed for x_, _ in [replay[0]])
+    for fraction, rows in ((1.0, replay), (0.5, ()), (-0.1, replay)):
+        with pytest.raises(ChatFormatError, match="replay_fraction"):
+            sft.ConversationSampler(examples, 8, 0, replay=rows, replay_fraction=fraction)
+
+
 def test_sft_data_never_mentions_the_people_it_must_not_teach(w):
     items = sft.sft_items(w, n_stories=50, n_reasoning=100)
     text = "\n".join(turn["content"] for item in items for turn in item.conversation)
@@ -115,3 +128,74 @@ def test_worked_answers_reach_the_right_answer(w):
         assert answer.endswith(f"The answer is {item.answer}.")
         for a, b, c in re.findall(r"(\d{4}) - (\d{4}) = (\d+)", answer):
             assert int(a) - int(b) == int(c)
+
+
+def test_finetune_trains_on_conversations_resumes_and_can_skip_the_mask(tmp_path, chat_tok, w):
+    base = tiny_model(chat_tok.n_vocab - len(sft.CHAT_TOKENS))
+    items = sft.qa_items(w, "sft")[:16]
+    trainer = sft.finetune(base, chat_tok, items, tmp_path / "run", steps=4, batch_size=4, device="cpu", checkpoint_every=2)
+    assert trainer.model.config.vocab_size == chat_tok.n_vocab
+    rows = trainer.fit(progress=False)
+    assert trainer.step == 4 and all(r["loss"] == r["loss"] for r in rows)
+    again = sft.finetune(base, chat_tok, items, tmp_path / "run", steps=4, batch_size=4, device="cpu")
+    assert again.step == 4 and torch.equal(again.model.wte.weight, trainer.model.wte.weight)
+    with pytest.raises(ChatFormatError, match="other data or settings"):
+        sft.finetune(base, chat_tok, items[:8], tmp_path / "run", steps=4, batch_size=4, device="cpu")
+    with pytest.raises(ChatFormatError, match="other data or settings"):
+        sft.finetune(base, chat_tok, items, tmp_path / "run", steps=4, batch_size=4, lr=1e-3, device="cpu")
+    _, y_masked = sft.finetune(base, chat_tok, items, tmp_path / "a", steps=1, batch_size=4, device="cpu").train_batches.next()
+    _, y_all = sft.finetune(base, chat_tok, items, tmp_path / "b", steps=1, batch_size=4, device="cpu", mask_prompt=False).train_batches.next()
+    assert (y_all != IGNORE).sum() > (y_masked != IGNORE).sum() > 0
+
+
+def test_format_compliance_counts_replies_that_close_with_the_end_token(chat_tok):
+    model = tiny_model(chat_tok.n_vocab)
+    conversations = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Where was Tara Voss born?"}]]
+    end = chat_tok.special_tokens[sft.END]
+    with torch.no_grad():
+        model.wte.weight[end] = 0.0  # <|end|> has logit 0; some other token always scores higher
+    assert sft.format_compliance(model, chat_tok, conversations, max_new_tokens=5) == 0.0
+
+    def prefer_end(module, inputs, output):
+        output = output.clone()
+        output[..., end] += 1e3
+        return output
+
+    model.lm_head.register_forward_hook(prefer_end)
+    assert sft.format_compliance(model, chat_tok, conversations, max_new_tokens=5) == 1.0
+    with pytest.raises(ValueError, match="no conversations"):
+        sft.format_compliance(model, chat_tok, [])
+
+
+# -- the shipped reference SFT model -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return sft.load_sft_model()
+
+
+def test_reference_sft_model_extracts_pretrained_knowledge_and_reads_context(reference, w, data_dir):
+    from course_utils.artefacts import read_card
+
+    model, tok = reference
+    card = read_card(data_dir / "artefacts" / sft.SFT_MODEL)["metrics"]
+    assert card["file_bytes"] <= 12_000_000
+    sets = sft.evaluation_sets(w)
+    heldout = sft.evaluate_items(model, tok, sets["qa_heldout"])
+    reading = sft.evaluate_items(model, tok, sets["reading_unseen"])
+    assert heldout == pytest.approx(card["exact_match_qa_heldout"], abs=0.01) and heldout >= 0.5
+    assert reading == pytest.approx(card["exact_match_reading_unseen"], abs=0.01) and reading >= 0.8
+    assert card["base_exact_match_qa_heldout"] <= 0.05  # the base model, asked in the same format, does not answer
+
+
+def test_sft_checkpoint_without_chat_tokens_is_refused(tmp_path, data_dir):
+    import shutil
+
+    from course_utils.artefacts import ArtefactError
+
+    shutil.copytree(data_dir / "artefacts", tmp_path / "artefacts")
+    shutil.copy(data_dir / "artefacts" / world.BASE_MODEL, tmp_path / "artefacts" / sft.SFT_MODEL)  # a base model where the SFT one should be
+    shutil.copy(data_dir / "artefacts" / "base_model.card.json", tmp_path / "artefacts" / "sft_model.card.json")
+    with pytest.raises(ArtefactError, match="another tokenizer"):
+        sft.load_sft_model(data=tmp_path)
