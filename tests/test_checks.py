@@ -293,3 +293,68 @@ def _loss_summed(logits, targets):
 def test_lab06_mistakes_get_an_actionable_verdict(exercise, fn, words):
     verdict = evaluate(exercise, fn)
     assert verdict.status == FAILED and words in verdict.message, verdict.message
+
+
+def _reward_substring(response, answer):
+    return 1.1 if answer.lower() in response.lower() else 0.0
+
+
+def _reward_without_format(response, answer):
+    from course_utils.rl import extract_answer
+    from course_utils.world import normalise_answer
+
+    final = extract_answer(response)
+    return float(final is not None and normalise_answer(final) == normalise_answer(answer))
+
+
+def _advantages_unscaled(rewards):
+    return rewards - rewards.mean(1, keepdim=True)
+
+
+def _advantages_no_eps(rewards):
+    return (rewards - rewards.mean(1, keepdim=True)) / rewards.std(1, keepdim=True, correction=0)
+
+
+def _advantages_whole_batch(rewards):
+    return (rewards - rewards.mean()) / (rewards.std(correction=0) + 1e-4)
+
+
+def _grpo_loss_variant(*, token_level=False, beta_sign=1.0, clip_on=True):
+    def loss(logp, old_logp, ref_logp, advantages, mask, clip, beta):
+        ratio = torch.exp(logp - old_logp)
+        adv = advantages[:, None]
+        clipped = ratio.clamp(1 - clip, 1 + clip) if clip_on else ratio
+        d = ref_logp - logp
+        per_token = -(torch.minimum(ratio * adv, clipped * adv) - beta_sign * beta * (torch.exp(d) - d - 1)) * mask
+        if token_level:
+            return per_token.sum() / mask.sum()
+        return (per_token.sum(1) / mask.sum(1)).mean()
+
+    return loss
+
+
+@pytest.mark.parametrize(
+    "exercise, fn, words",
+    [
+        ("reasoning_reward", _reward_substring, "does not end that way earns 0"),
+        ("reasoning_reward", _reward_without_format, "plus 0.1 for that format"),
+        ("group_advantages", _advantages_unscaled, "not divided by the group's standard deviation"),
+        ("group_advantages", _advantages_no_eps, "add eps"),
+        ("group_advantages", _advantages_whole_batch, "each group's (row's) mean"),
+        ("grpo_loss", _grpo_loss_variant(token_level=True), "average over each reply's tokens"),
+        ("grpo_loss", _grpo_loss_variant(beta_sign=0.0), "KL penalty is missing"),
+        ("grpo_loss", _grpo_loss_variant(beta_sign=-1.0), "wrong sign"),
+        ("grpo_loss", _grpo_loss_variant(clip_on=False), "never clipped"),
+    ],
+)
+def test_lab09_mistakes_get_an_actionable_verdict(exercise, fn, words):
+    verdict = evaluate(exercise, fn)
+    assert verdict.status == FAILED and words in verdict.message, verdict.message
+
+
+@pytest.mark.parametrize("exercise, fn", [("group_advantages", lambda r: __import__("course_utils.rl").rl.group_advantages(r)),
+                                          ("grpo_loss", _grpo_loss_variant()),
+                                          ("reasoning_reward", lambda r, a: __import__("course_utils.rl").rl.reward(r, a))])
+def test_lab09_right_answers_pass(exercise, fn):
+    verdict = evaluate(exercise, fn)
+    assert verdict.status == PASSED, verdict.message
