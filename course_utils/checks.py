@@ -169,7 +169,8 @@ def score(lab: str) -> dict[str, Verdict]:
 
 
 LAB_MODULES = ("course_utils.checks_lab01", "course_utils.checks_lab02", "course_utils.checks_lab03", "course_utils.checks_lab04",
-               "course_utils.checks_lab05", "course_utils.checks_lab06", "course_utils.checks_lab09")
+               "course_utils.checks_lab05", "course_utils.checks_lab06", "course_utils.checks_lab08",
+               "course_utils.checks_lab09")
 
 
 def _load_all_labs() -> None:

@@ -172,3 +172,17 @@ def rag_prompt(question: str, documents: Sequence[str]) -> str:
     if not question.strip():
         raise RetrievalError("the question is empty")
     return "Read this text and answer the question.\n" + "\n".join(documents) + f"\nQuestion: {question}"
+
+
+def answer_with_documents(model, tokenizer, questions: Sequence[str], documents: Sequence[Sequence[str]], *, max_new_tokens: int = 24) -> list[str | None]:
+    """Greedy replies of a chat model to :func:`rag_prompt` for each question and its documents; a
+    prompt that does not fit the model's context gets ``None`` (count it as a miss)."""
+    from .sft import render, replies
+
+    if len(questions) != len(documents):
+        raise RetrievalError(f"{len(questions)} questions but {len(documents)} document lists: give one list per question")
+    context = model.config.context_length
+    prompts = [[{"role": "user", "content": rag_prompt(q, d)}] for q, d in zip(questions, documents, strict=True)]
+    fits = [len(render(p, tokenizer, for_generation=True)[0]) + max_new_tokens <= context for p in prompts]
+    answers = iter(replies(model, tokenizer, [p for p, ok in zip(prompts, fits, strict=True) if ok], max_new_tokens=max_new_tokens)) if any(fits) else iter(())
+    return [next(answers) if ok else None for ok in fits]

@@ -358,3 +358,38 @@ def test_lab09_mistakes_get_an_actionable_verdict(exercise, fn, words):
 def test_lab09_right_answers_pass(exercise, fn):
     verdict = evaluate(exercise, fn)
     assert verdict.status == PASSED, verdict.message
+
+
+def _bm25_no_length_norm(query, documents, k1=1.5, b=0.75):
+    from course_utils.retrieval import BM25
+
+    return BM25([" ".join(d) for d in documents], k1=k1, b=0.0).scores(" ".join(query))
+
+
+def _bm25_plain_idf(query, documents, k1=1.5, b=0.75):
+    import math
+    from collections import Counter
+
+    n, avg = len(documents), sum(len(d) for d in documents) / len(documents)
+    df = Counter(t for d in documents for t in set(d))
+    out = []
+    for d in documents:
+        c = Counter(d)
+        out.append(sum(math.log(n / df[t]) * c[t] * (k1 + 1) / (c[t] + k1 * (1 - b + b * len(d) / avg)) for t in query if c[t]))
+    return out
+
+
+@pytest.mark.parametrize(
+    "exercise, fn, words",
+    [
+        ("bm25_scores", _bm25_no_length_norm, "IDF is log(1 + (N - df + 0.5) / (df + 0.5))"),
+        ("bm25_scores", _bm25_plain_idf, "IDF is log(1 + (N - df + 0.5) / (df + 0.5))"),
+        ("top_k", lambda scores, k: sorted(range(len(scores)), key=lambda i: scores[i])[:k], "highest first"),
+        ("top_k", lambda scores, k: sorted(range(len(scores)), key=lambda i: -scores[i] + 1e-9 * -i)[:k], "ties by the lower index"),
+        ("recall", lambda rankings, relevant, k: sum(r[k - 1] in rel for r, rel in zip(rankings, relevant, strict=True)) / len(rankings), "among its first k"),
+        ("build_rag_prompt", lambda q, docs: " ".join(["Read this text and answer the question.", *docs, f"Question: {q}"]), "joined by newlines"),
+    ],
+)
+def test_lab08_mistakes_get_an_actionable_verdict(exercise, fn, words):
+    verdict = evaluate(exercise, fn)
+    assert verdict.status == FAILED and words in verdict.message, verdict.message

@@ -106,3 +106,17 @@ def test_bad_input_is_clear():
         R.recall_at_k([[0]], [], 1)
     with pytest.raises(RetrievalError, match="question is empty"):
         R.rag_prompt("  ", ["doc"])
+
+
+def test_rag_answers_leave_out_prompts_that_do_not_fit():
+    from course_utils import sft
+
+    model, tokenizer = sft.load_sft_model()
+    w = world.make_world(0)
+    person = w.split("retrieval")[0]
+    question = f"Where was {person.name} born?"
+    answers = R.answer_with_documents(model, tokenizer, [question, question], [[person.biographies[0]], person.biographies * 3])
+    assert answers[1] is None  # fifteen biographies cannot fit in 256 tokens
+    assert person.birth_city in answers[0]  # the reference model reads one biography well
+    with pytest.raises(R.RetrievalError, match="one list per question"):
+        R.answer_with_documents(model, tokenizer, [question], [])
