@@ -247,14 +247,26 @@ def qa_items(world, split: str) -> list[Item]:
     return items
 
 
-def reading_items(world, split: str, seed: int = 0) -> list[Item]:
-    """A biography in the prompt, then a question it answers: the skill retrieval needs."""
+def reading_items(world, split: str, seed: int = 0, max_documents: int = 1) -> list[Item]:
+    """A biography in the prompt, then a question it answers: the skill retrieval needs. With
+    ``max_documents`` > 1, each prompt holds 1 to ``max_documents`` biographies of different people
+    of the same split in random order, only one of them about the person asked about (the distractors
+    that retrieval brings); the answer is unchanged."""
+    if max_documents < 1:
+        raise ValueError(f"max_documents={max_documents}: use at least 1")
+    rng = random.Random(f"{seed}:distractors")
+    people = world.split(split)
     items = []
     for q in world.reading_comprehension(split, seed):
         if q["attribute"] not in ANSWER_TEMPLATES:
             continue
+        documents = [q["context"]]
+        n = rng.randint(1, max_documents) if max_documents > 1 else 1
+        others = [p for p in rng.sample(people, min(len(people), n + 1)) if p.name != q["name"]][: n - 1]
+        documents += [rng.choice(p.biographies) for p in others]
+        rng.shuffle(documents)
         answer = ANSWER_TEMPLATES[q["attribute"]].format(name=q["name"], value=q["answer"])
-        prompt = f"Read this text and answer the question.\n{q['context']}\nQuestion: {q['question']}"
+        prompt = "Read this text and answer the question.\n" + "\n".join(documents) + f"\nQuestion: {q['question']}"
         items.append(Item([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], "reading", q["answer"]))
     return items
 
@@ -313,14 +325,15 @@ def practice_world(world, n: int = 400, seed: int = 1):
     return World(seed=other.seed, people=[p for p in other.people if p.name not in taken])
 
 
-def sft_items(world, *, n_stories: int = 400, n_reasoning: int = 300, n_practice: int = 1200, seed: int = 0) -> list[Item]:
+def sft_items(world, *, n_stories: int = 400, n_reasoning: int = 300, n_practice: int = 1200, max_documents: int = 1, seed: int = 0) -> list[Item]:
     """The reference SFT mixture: closed-book questions about the ``sft`` people only (the ``heldout``
     people never appear, so they test generalisation), reading comprehension about
     :func:`practice_world` people, story instructions from the training stories, and worked reasoning
-    problems about the ``sft`` people."""
+    problems about the ``sft`` people. ``max_documents`` > 1 puts distractor biographies into the
+    reading items (see :func:`reading_items`)."""
     from . import data
 
-    return (qa_items(world, "sft") + reading_items(practice_world(world, n_practice), "sft", seed)
+    return (qa_items(world, "sft") + reading_items(practice_world(world, n_practice), "sft", seed, max_documents)
             + story_items(data.tinystories("train"), n_stories, seed) + reasoning_items(world, "sft", n_reasoning, seed))
 
 
@@ -474,11 +487,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay", type=float, default=0.25, help="share of each batch that is pretraining text")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/sft"), help="checkpoints (a run resumes from here)")
     parser.add_argument("--out", type=Path, default=None, help="default: data/artefacts/sft_model.pt")
+    parser.add_argument("--reading-documents", type=int, default=1,
+                        help="up to this many biographies per reading item, one relevant (distractors for RAG; needs the context to hold them)")
     args = parser.parse_args(argv)
     world = make_world(0)
     base, base_tokenizer = load_base_model()
     tokenizer = chat_tokenizer(base_tokenizer)
-    items = sft_items(world)
+    items = sft_items(world, max_documents=args.reading_documents)
     tokenizer_id = tokenizer_fingerprint(tokenizer)
     try:
         trainer = finetune(base, tokenizer, items, args.out_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

@@ -199,3 +199,21 @@ def test_sft_checkpoint_without_chat_tokens_is_refused(tmp_path, data_dir):
     shutil.copy(data_dir / "artefacts" / "base_model.card.json", tmp_path / "artefacts" / "sft_model.card.json")
     with pytest.raises(ArtefactError, match="another tokenizer"):
         sft.load_sft_model(data=tmp_path)
+
+
+def test_reading_items_can_hold_distractors_and_default_to_one_biography(w):
+    single = sft.reading_items(w, "retrieval", seed=0)
+    assert single == sft.reading_items(w, "retrieval", seed=0, max_documents=1)
+    assert all(i.conversation[0]["content"].count("\n") == 2 for i in single)  # header, one biography, question
+    multi = sft.reading_items(w, "retrieval", seed=0, max_documents=3)
+    assert [i.conversation[1] for i in multi] == [i.conversation[1] for i in single]  # same questions, same answers
+    counts = []
+    names = [p.name for p in w.split("retrieval")]
+    for item, plain in zip(multi, single, strict=True):
+        lines = item.conversation[0]["content"].split("\n")[1:-1]
+        counts.append(len(lines))
+        asked = next(n for n in names if n in plain.conversation[0]["content"].split("\nQuestion: ")[1])
+        assert sum(asked in line for line in lines) == 1  # exactly one biography is about the person asked about
+    assert set(counts) == {1, 2, 3}
+    with pytest.raises(ValueError, match="max_documents"):
+        sft.reading_items(w, "retrieval", max_documents=0)
