@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .sft import problem_conversation  # the prompt of a reasoning problem (also used by the SFT data)
 from .world import normalise_answer
 
 #: The last sentence of a well-formed reply; what follows "The answer is" is the final answer.
@@ -49,13 +50,6 @@ def reward(response: str, answer: str, *, format_bonus: float = 0.1) -> float:
     if final is None:
         return 0.0
     return float(normalise_answer(final) == normalise_answer(answer)) + format_bonus
-
-
-def problem_conversation(problem: dict) -> list[dict]:
-    """The user turn for one of :meth:`World.reasoning_problems`: the facts that settle it (those
-    not already in the question), then the question."""
-    facts = [f for f in problem["facts"] if f not in problem["question"]]
-    return [{"role": "user", "content": " ".join(facts + [problem["question"]])}]
 
 
 # ---------------------------------------------------------------------------------------------

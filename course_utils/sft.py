@@ -252,6 +252,8 @@ def reading_items(world, split: str, seed: int = 0, max_documents: int = 1) -> l
     ``max_documents`` > 1, each prompt holds 1 to ``max_documents`` biographies of different people
     of the same split in random order, only one of them about the person asked about (the distractors
     that retrieval brings); the answer is unchanged."""
+    from .retrieval import rag_prompt
+
     if max_documents < 1:
         raise ValueError(f"max_documents={max_documents}: use at least 1")
     rng = random.Random(f"{seed}:distractors")
@@ -266,8 +268,7 @@ def reading_items(world, split: str, seed: int = 0, max_documents: int = 1) -> l
         documents += [rng.choice(p.biographies) for p in others]
         rng.shuffle(documents)
         answer = ANSWER_TEMPLATES[q["attribute"]].format(name=q["name"], value=q["answer"])
-        prompt = "Read this text and answer the question.\n" + "\n".join(documents) + f"\nQuestion: {q['question']}"
-        items.append(Item([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], "reading", q["answer"]))
+        items.append(Item([{"role": "user", "content": rag_prompt(q["question"], documents)}, {"role": "assistant", "content": answer}], "reading", q["answer"]))
     return items
 
 
@@ -304,14 +305,17 @@ def worked_answer(problem: dict, world) -> str:
     return f"{steps} The answer is {problem['answer']}."
 
 
+def problem_conversation(problem: dict) -> list[dict]:
+    """The user turn for one of :meth:`World.reasoning_problems`: the facts that settle it (those
+    not already in the question), then the question."""
+    facts = [f for f in problem["facts"] if f not in problem["question"]]
+    return [{"role": "user", "content": " ".join(facts + [problem["question"]])}]
+
+
 def reasoning_items(world, split: str, n: int, seed: int = 0) -> list[Item]:
     """Reasoning problems with their facts in the prompt and a worked answer (the format Lab 09 rewards)."""
-    items = []
-    for problem in world.reasoning_problems(split, n, seed):
-        facts = [f for f in problem["facts"] if f not in problem["question"]]
-        prompt = " ".join(facts + [problem["question"]])
-        items.append(Item([{"role": "user", "content": prompt}, {"role": "assistant", "content": worked_answer(problem, world)}], "reasoning", problem["answer"]))
-    return items
+    return [Item(problem_conversation(problem) + [{"role": "assistant", "content": worked_answer(problem, world)}], "reasoning", problem["answer"])
+            for problem in world.reasoning_problems(split, n, seed)]
 
 
 def practice_world(world, n: int = 400, seed: int = 1):

@@ -16,6 +16,16 @@ def data_dir() -> Path:
     return ROOT / "data"
 
 
+@pytest.fixture(scope="session")
+def chat_tok():
+    """The reference base tokenizer with the chat tokens (Labs 06-09)."""
+    from course_utils import sft, world
+    from course_utils.lab import data_dir
+    from course_utils.tokenizer import Tokenizer
+
+    return sft.chat_tokenizer(Tokenizer.load(data_dir() / "artefacts" / world.BASE_TOKENIZER))
+
+
 def notebook_namespace(path: Path, marker: str) -> dict:
     """Run a notebook's import lines, then every code cell that contains ``marker`` (its exercise
     cells: ``### BEGIN SOLUTION`` in a complete notebook, ``# YOUR CODE HERE`` in a student copy)."""

@@ -132,14 +132,6 @@ def test_pass_at_k():
 # -- sampling and training on a tiny model --------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def chat_tok():
-    from course_utils.lab import data_dir
-    from course_utils.tokenizer import Tokenizer
-
-    return sft.chat_tokenizer(Tokenizer.load(data_dir() / "artefacts" / world.BASE_TOKENIZER))
-
-
 def tiny_model(vocab: int) -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=vocab, context_length=96, n_layer=1, n_head=2, n_embd=32))

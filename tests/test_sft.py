@@ -14,14 +14,6 @@ def w():
     return world.make_world(0)
 
 
-@pytest.fixture(scope="module")
-def chat_tok():
-    from course_utils.lab import data_dir
-    from course_utils.tokenizer import Tokenizer
-
-    return sft.chat_tokenizer(Tokenizer.load(data_dir() / "artefacts" / world.BASE_TOKENIZER))
-
-
 def tiny_model(vocab: int) -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=vocab, context_length=64, n_layer=1, n_head=2, n_embd=32))
