@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from .data import BatchSampler
+from .lab import precision_for
 from .model import GPT, GPTConfig
-from .train import peak_flops
+from .train import mixed_precision, peak_flops
 
 #: name -> (model settings, batch size, vocabulary)
 SIZES = {
@@ -62,15 +63,14 @@ def training_throughput(
     model = GPT(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     net = torch.compile(model) if compile else model
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast, scaler = mixed_precision(device, precision)
     if tokens is None:
         tokens = np.random.default_rng(0).integers(0, vocab_size, 1_000_000).astype(np.uint16)
     sampler = BatchSampler(tokens, batch_size, config.context_length, seed=0, device=device)
 
     def step() -> None:
         x, y = sampler.next()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast():
             _, loss = net(x, y)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -100,15 +100,24 @@ def fast_settings(device: torch.device) -> dict:
     """Everything the engine turns on for this device."""
     if device.type != "cuda":
         return dict(attention="sdpa")
-    bf16 = torch.cuda.get_device_capability(device)[0] >= 8
-    return dict(attention="sdpa", precision="bf16" if bf16 else "fp16", tf32=bf16, compile=True, fused=True)
+    precision = precision_for(device)
+    return dict(attention="sdpa", precision=precision, tf32=precision == "bf16", compile=True, fused=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Training throughput against an fp32, naive-attention baseline measured in the same run.")
+    parser = argparse.ArgumentParser(
+        description="Training throughput against an fp32, naive-attention baseline measured in the same run."
+    )
     parser.add_argument("what", choices=["train"])
-    parser.add_argument("--sizes", nargs="*", default=None, help=f"from {', '.join(SIZES)} (default: all on a GPU, tiny and lab on a CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 20 on a GPU, 3 on a CPU)")
+    parser.add_argument(
+        "--sizes",
+        nargs="*",
+        default=None,
+        help=f"from {', '.join(SIZES)} (default: all on a GPU, tiny and lab on a CPU)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per measurement (default 20 on a GPU, 3 on a CPU)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -128,11 +137,16 @@ def main(argv: list[str] | None = None) -> int:
             n_params = GPT(GPTConfig(vocab_size=vocab, **model_settings)).num_parameters()
         baseline = training_throughput(model_settings, vocab, batch, device=device, steps=steps, attention="naive")
         engine = training_throughput(model_settings, vocab, batch, device=device, steps=steps, **fast)
-        for label, result in (("fp32, naive attention (baseline)", baseline), ("engine: " + ", ".join(f"{k}={v}" for k, v in fast.items()), engine)):
+        for label, result in (
+            ("fp32, naive attention (baseline)", baseline),
+            ("engine: " + ", ".join(f"{k}={v}" for k, v in fast.items()), engine),
+        ):
             mfu = "n/a" if result.mfu is None else f"{result.mfu:.2f}"
             memory = "n/a" if result.peak_memory_mib is None else f"{result.peak_memory_mib:,.0f}"
-            print(f"| {size} | {n_params / 1e6:.1f} M | {label} | {result.tokens_per_second:,.0f} | "
-                  f"{result.tokens_per_second / baseline.tokens_per_second:.2f} | {mfu} | {memory} |")
+            print(
+                f"| {size} | {n_params / 1e6:.1f} M | {label} | {result.tokens_per_second:,.0f} | "
+                f"{result.tokens_per_second / baseline.tokens_per_second:.2f} | {mfu} | {memory} |"
+            )
     return 0
 
 

@@ -12,14 +12,18 @@ A grader calls :func:`evaluate` with a function taken from an executed notebook;
 and returns a :class:`Verdict`. Checks live here, not in the notebook, so a student who redefines
 ``check`` changes nothing that a fresh import of this module does.
 
-Writing a check: decorate a function that takes the student's function, calls it through
-:func:`call` (which turns exceptions into a verdict) and compares with :func:`expect_equal`.
+Writing a check: decorate a function ``_check_<exercise>`` that takes the student's function, calls it
+through :func:`call` once per case (which turns exceptions into a verdict, and counts the case by its
+label) and compares with :func:`expect_equal`, :func:`expect_close` or :func:`expect`. Case tables
+put the label first: ``(case, *arguments)``.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import random
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +37,7 @@ class Exercise:
     lab: str  # "01"
     name: str  # the function the student writes; unique across the course
     title: str
-    checker: Callable[[Callable[..., Any]], int]
+    checker: Callable[[Callable[..., Any]], None]
     points: float = 1.0
 
 
@@ -74,7 +78,7 @@ SCOREBOARD: dict[str, Verdict] = {}
 def exercise(lab: str, name: str, title: str, points: float = 1.0):
     """Register ``checker`` as the check of exercise ``name`` of ``lab``."""
 
-    def register(checker: Callable[[Callable[..., Any]], int]) -> Callable[[Callable[..., Any]], int]:
+    def register(checker: Callable[[Callable[..., Any]], None]) -> Callable[[Callable[..., Any]], None]:
         if name in EXERCISES:
             raise ValueError(f"exercise {name!r} is registered twice")
         EXERCISES[name] = Exercise(lab, name, title, checker, points)
@@ -93,8 +97,13 @@ def _short(value: Any, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 5] + " ...)"
 
 
+#: The case labels :func:`call` has seen during the running check: the number of cases it ran.
+_CASES: set[str] = set()
+
+
 def call(fn: Callable[..., Any], *args: Any, case: str) -> Any:
     """Call the student's function on one case; an exception becomes a verdict naming the case."""
+    _CASES.add(case)
     try:
         return fn(*args)
     except NotImplementedError as e:
@@ -115,6 +124,20 @@ def expect(condition: bool, message: str) -> None:
         raise CheckFailed(message)
 
 
+def expect_close(got: Any, expected: Any, case: str, hint: str = "", atol: float = 1e-5) -> None:
+    """``got`` is a tensor of ``expected``'s shape, finite, and within ``atol`` of it everywhere."""
+    import torch  # optional here: Lab 01's checks run without torch
+
+    expect(isinstance(got, torch.Tensor), f"on {case}: return a tensor, got {type(got).__name__}")
+    expect(
+        tuple(got.shape) == tuple(expected.shape),
+        f"on {case}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}",
+    )
+    expect(bool(torch.isfinite(got).all()), f"on {case}: your result has inf or nan values. {hint}")
+    diff = (got.float() - expected.float()).abs().max().item()
+    expect(diff <= atol, f"on {case}: values differ from the expected ones by up to {diff:.2e}. {hint}")
+
+
 def evaluate(name: str, fn: Any) -> Verdict:
     """Run exercise ``name``'s check on ``fn`` and return the verdict; prints nothing."""
     _load_all_labs()
@@ -129,8 +152,10 @@ def evaluate(name: str, fn: Any) -> Verdict:
         return verdict(FAILED, f"expected a function called {name}, got {type(fn).__name__}")
     state = random.getstate()
     random.seed(0)  # checks draw their random cases from a fixed seed
+    _CASES.clear()
     try:
-        n_cases = ex.checker(fn)
+        ex.checker(fn)
+        n_cases = len(_CASES)
     except NotYetImplemented:
         return verdict(TODO, "not implemented yet: replace the `raise NotImplementedError` in its cell with your code")
     except CheckFailed as e:
@@ -168,17 +193,21 @@ def score(lab: str) -> dict[str, Verdict]:
     return rows
 
 
-LAB_MODULES = ("course_utils.checks_lab01", "course_utils.checks_lab02", "course_utils.checks_lab03", "course_utils.checks_lab04",
-               "course_utils.checks_lab05", "course_utils.checks_lab06", "course_utils.checks_lab08",
-               "course_utils.checks_lab09")
+LAB_MODULES = (
+    "course_utils.checks_lab01",
+    "course_utils.checks_lab02",
+    "course_utils.checks_lab03",
+    "course_utils.checks_lab04",
+    "course_utils.checks_lab05",
+    "course_utils.checks_lab06",
+    "course_utils.checks_lab08",
+    "course_utils.checks_lab09",
+)
 
 
 def _load_all_labs() -> None:
     """Import each lab's check module (importing registers its exercises). After a reload of this
     module the registry is empty, so the lab modules are reloaded too."""
-    import importlib
-    import sys
-
     if EXERCISES and all(m in sys.modules for m in LAB_MODULES):
         return
     for module in LAB_MODULES:

@@ -1,25 +1,19 @@
-"""Checks for Lab 02 (attention). Reference answers come from :mod:`course_utils.model`."""
+"""Checks for Lab 02 (attention). Reference answers come from :mod:`course_utils.model`: ``attention`` is
+its ``naive_attention`` (named so there to set it apart from PyTorch's fused kernels) and
+``multi_head_attention`` what its ``CausalSelfAttention`` module does with explicit weight matrices."""
 
 from __future__ import annotations
 
 import torch
 
-from .checks import call, exercise, expect, expect_equal
+from .checks import call, exercise, expect, expect_close, expect_equal
 from .model import causal_mask, naive_attention
 
 LAB = "02"
 
 
-def _expect_close(got, expected: torch.Tensor, case: str, hint: str = "", atol: float = 1e-5) -> None:
-    expect(isinstance(got, torch.Tensor), f"on {case}: return a tensor, got {type(got).__name__}")
-    expect(tuple(got.shape) == tuple(expected.shape), f"on {case}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}")
-    expect(bool(torch.isfinite(got).all()), f"on {case}: your result has inf or nan values. {hint}")
-    diff = (got.float() - expected.float()).abs().max().item()
-    expect(diff <= atol, f"on {case}: values differ from the expected ones by up to {diff:.2e}. {hint}")
-
-
 @exercise(LAB, "attention", "scaled dot-product attention with a mask")
-def _check_attention(fn) -> int:
+def _check_attention(fn) -> None:
     g = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     random_mask = torch.rand(5, 7, generator=g) > 0.5
@@ -33,18 +27,30 @@ def _check_attention(fn) -> int:
     ]
     for case, (q, k, v), mask in cases:
         got = call(fn, q.clone(), k.clone(), v.clone(), mask, case=case)
-        _expect_close(got, naive_attention(q, k, v, mask), case, "Divide the scores by sqrt(d), mask with -inf where mask is False, and softmax over the keys (last dimension)")
-    return len(cases)
+        expect_close(
+            got,
+            naive_attention(q, k, v, mask),
+            case,
+            "Divide the scores by sqrt(d), mask with -inf where mask is False, and softmax over the keys (last "
+            "dimension)",
+        )
 
 
 @exercise(LAB, "causal_mask", "the causal mask")
-def _check_causal_mask(fn) -> int:
+def _check_causal_mask(fn) -> None:
     for t in (1, 2, 5):
         case = f"causal_mask({t})"
         got = call(fn, t, case=case)
-        expect(isinstance(got, torch.Tensor) and got.dtype == torch.bool, f"on {case}: return a torch.bool tensor, got {getattr(got, 'dtype', type(got).__name__)}")
-        expect_equal(got.tolist(), causal_mask(t).tolist(), case, "position i may attend to positions 0..i: True on and below the diagonal")
-    return 3
+        expect(
+            isinstance(got, torch.Tensor) and got.dtype == torch.bool,
+            f"on {case}: return a torch.bool tensor, got {getattr(got, 'dtype', type(got).__name__)}",
+        )
+        expect_equal(
+            got.tolist(),
+            causal_mask(t).tolist(),
+            case,
+            "position i may attend to positions 0..i: True on and below the diagonal",
+        )
 
 
 def reference_multi_head(x: torch.Tensor, w_qkv: torch.Tensor, w_out: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -56,7 +62,7 @@ def reference_multi_head(x: torch.Tensor, w_qkv: torch.Tensor, w_out: torch.Tens
 
 
 @exercise(LAB, "multi_head_attention", "causal multi-head attention by reshaping")
-def _check_multi_head_attention(fn) -> int:
+def _check_multi_head_attention(fn) -> None:
     g = torch.Generator().manual_seed(1)
     cases = [(1, 1, 4, 1), (2, 5, 8, 2), (3, 7, 12, 4), (1, 6, 16, 16)]
     for B, T, C, n_head in cases:
@@ -65,5 +71,10 @@ def _check_multi_head_attention(fn) -> int:
         w_out = torch.randn(C, C, generator=g) / C**0.5
         case = f"x of shape ({B}, {T}, {C}) with n_head={n_head}"
         got = call(fn, x, w_qkv, w_out, n_head, case=case)
-        _expect_close(got, reference_multi_head(x, w_qkv, w_out, n_head), case, "Split q, k, v as [q | k | v] columns, each head takes C // n_head consecutive columns, attention is causal")
-    return len(cases)
+        expect_close(
+            got,
+            reference_multi_head(x, w_qkv, w_out, n_head),
+            case,
+            "Split q, k, v as [q | k | v] columns, each head takes C // n_head consecutive columns, attention is "
+            "causal",
+        )

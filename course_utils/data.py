@@ -7,29 +7,31 @@ The subset's 15,922 stories were shuffled with a fixed seed before they were shi
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
-from .lab import SetupError, data_dir
+import numpy as np
 
-ENDOFTEXT_LINE = "<|endoftext|>"
+from .lab import SetupError, data_dir, runs_dir
+from .tokenizer import ENDOFTEXT
+
 VAL_FRACTION = 0.05
-
-
-def data_root() -> Path:
-    return data_dir()
 
 
 @lru_cache(maxsize=2)
 def _stories(folder: str) -> tuple[str, ...]:
     files = sorted(Path(folder).glob("stories_*.txt"))
     if not files:
-        raise SetupError(f"no stories_*.txt in {folder}; restore the shipped TinyStories subset with git checkout data/tinystories")
+        raise SetupError(
+            f"no stories_*.txt in {folder}; restore the shipped TinyStories subset with git checkout data/tinystories"
+        )
     stories: list[str] = []
     for path in files:
         text = path.read_text(encoding="utf-8")
-        stories.extend(s.strip("\n") for s in text.split("\n" + ENDOFTEXT_LINE + "\n"))
-    return tuple(s for s in stories if s.strip() and s.strip() != ENDOFTEXT_LINE)
+        stories.extend(s.strip("\n") for s in text.split("\n" + ENDOFTEXT + "\n"))
+    return tuple(s for s in stories if s.strip() and s.strip() != ENDOFTEXT)
 
 
 def tinystories(split: str = "train", data: Path | None = None) -> list[str]:
@@ -62,14 +64,16 @@ def tinystories_sha256(split: str = "train", data: Path | None = None) -> str:
 HUB_DATASET = "roneneldan/TinyStories"
 
 
-def stories_dataset(split: str = "train", source: str = "shipped", n_stories: int | None = None, data: Path | None = None):
+def stories_dataset(
+    split: str = "train", source: str = "shipped", n_stories: int | None = None, data: Path | None = None
+):
     """TinyStories as a Hugging Face ``datasets`` dataset with a ``text`` column.
 
     ``source="shipped"``: the subset in ``data/`` (offline, the default). ``source="hub"``: the full
     ``roneneldan/TinyStories`` (about 2.1M stories) streamed from the Hugging Face hub, which needs
     network access; ``n_stories`` takes only the first stories of the stream.
     """
-    import datasets
+    import datasets  # heavy (a second to import): only when a corpus is streamed or cached
 
     if source == "shipped":
         stories = tinystories(split, data)
@@ -90,8 +94,6 @@ def stories_dataset(split: str = "train", source: str = "shipped", n_stories: in
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of a tokenizer's merges, pattern and special tokens: what decides the ids."""
-    import json
-
     payload = {k: v for k, v in tokenizer.to_dict().items() if k != "name"}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -113,25 +115,35 @@ def token_cache(
     text_id = tinystories_sha256(split, data) if source == "shipped" else f"{HUB_DATASET}:{split}:{n_stories}"
     text_id += f":{n_stories}" if source == "shipped" and n_stories else ""
     batches = (batch["text"] for batch in stories_dataset(split, source, n_stories, data).iter(batch_size=1000))
-    return _cached_ids(tokenizer, f"tinystories-{source}-{split}", text_id, batches, Path(cache_dir) if cache_dir else data.parent / "runs" / "cache")
+    return _cached_ids(
+        tokenizer,
+        f"tinystories-{source}-{split}",
+        text_id,
+        batches,
+        Path(cache_dir) if cache_dir else runs_dir(data) / "cache",
+    )
 
 
-def world_token_cache(tokenizer, world, cache_dir: Path | None = None):
-    """The ids of a world's pretraining biographies (:meth:`World.pretraining_documents`), each followed
-    by ``<|endoftext|>``, cached like :func:`token_cache` under a hash of the text and the tokenizer."""
-    stem, digest = f"world-{world.seed}", world.pretraining_sha256()
-    return _cached_ids(tokenizer, stem, digest, [world.pretraining_documents()], Path(cache_dir) if cache_dir else data_dir().parent / "runs" / "cache")
+def documents_token_cache(tokenizer, name: str, documents: Sequence[str], cache_dir: Path | None = None):
+    """The ids of ``documents``, each followed by ``<|endoftext|>``, cached like :func:`token_cache` as
+    ``<name>-<hash>.bin`` under a hash of the text and the tokenizer (a pretraining mixture's other parts)."""
+    digest = hashlib.sha256("\0".join(documents).encode("utf-8")).hexdigest()
+    return _cached_ids(
+        tokenizer, name, digest, [list(documents)], Path(cache_dir) if cache_dir else runs_dir() / "cache"
+    )
 
 
-def _cached_ids(tokenizer, stem: str, text_id: str, batches, cache_dir: Path):
+def _cached_ids(tokenizer, stem: str, text_id: str, batches: Iterable[Sequence[str]], cache_dir: Path):
     """Encode batches of documents once into ``cache_dir/<stem>-<hash>.bin`` and map it read-only."""
-    import numpy as np
-
     if tokenizer.n_vocab > 2**16:
-        raise ValueError(f"a vocabulary of {tokenizer.n_vocab} ids does not fit in uint16 token caches (at most 65,536)")
-    eot = tokenizer.special_tokens.get(ENDOFTEXT_LINE)
+        raise ValueError(
+            f"a vocabulary of {tokenizer.n_vocab} ids does not fit in uint16 token caches (at most 65,536)"
+        )
+    eot = tokenizer.special_tokens.get(ENDOFTEXT)
     if eot is None:
-        raise ValueError(f"the tokenizer has no {ENDOFTEXT_LINE} token to separate documents; train it with that special token")
+        raise ValueError(
+            f"the tokenizer has no {ENDOFTEXT} token to separate documents; train it with that special token"
+        )
     key = hashlib.sha256((text_id + tokenizer_fingerprint(tokenizer)).encode()).hexdigest()[:16]
     path = cache_dir / f"{stem}-{key}.bin"
     if not path.exists():
@@ -153,7 +165,25 @@ def _cached_ids(tokenizer, stem: str, text_id: str, batches, cache_dir: Path):
     return tokens
 
 
-class BatchSampler:
+class SeededSampler:
+    """What every batch sampler of the course shares: one seeded ``torch.Generator`` draws every
+    batch, so its state is the exact data position, saved in checkpoints and restored on resume.
+    Subclasses define ``next() -> (x, y)``."""
+
+    def __init__(self, seed: int, device="cpu"):
+        import torch  # optional here: Lab 01 uses this module without torch
+
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class BatchSampler(SeededSampler):
     """Random (B, T) windows of a token array, inputs and next-token targets.
 
     Every call draws the *global* batch (``batch_size * world_size`` windows) from one seeded
@@ -164,9 +194,21 @@ class BatchSampler:
     with probability ``weights[i]`` (a pretraining mixture), drawn from the same generator.
     """
 
-    def __init__(self, tokens, batch_size: int, seq_len: int, *, seed: int = 0, device="cpu", rank: int = 0, world_size: int = 1, weights=None):
-        import torch  # imported here so that the tokeniser lab can use this module without torch
+    def __init__(
+        self,
+        tokens,
+        batch_size: int,
+        seq_len: int,
+        *,
+        seed: int = 0,
+        device="cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        weights=None,
+    ):
+        import torch  # optional here: Lab 01 uses this module without torch
 
+        super().__init__(seed, device)
         self.sources = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens]
         if weights is None and len(self.sources) > 1:
             raise ValueError(f"{len(self.sources)} token arrays need weights, one each")
@@ -174,16 +216,18 @@ class BatchSampler:
             raise ValueError(f"weights={list(weights)}: give one non-negative weight per token array, not all zero")
         for src in self.sources:
             if len(src) <= seq_len + 1:
-                raise ValueError(f"the corpus has {len(src)} tokens, too few for windows of seq_len={seq_len}; lower seq_len")
+                raise ValueError(
+                    f"the corpus has {len(src)} tokens, too few for windows of seq_len={seq_len}; lower seq_len"
+                )
         self.tokens = self.sources[0]
-        self.weights = torch.tensor([float(w) for w in weights]) if weights is not None and len(self.sources) > 1 else None
+        self.weights = (
+            torch.tensor([float(w) for w in weights]) if weights is not None and len(self.sources) > 1 else None
+        )
         self.batch_size, self.seq_len = batch_size, seq_len
-        self.device, self.rank, self.world_size = torch.device(device), rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.rank, self.world_size = rank, world_size
 
     def next(self):
-        import numpy as np
-        import torch
+        import torch  # optional here: Lab 01 uses this module without torch
 
         n = self.batch_size * self.world_size
         if self.weights is None:
@@ -194,14 +238,28 @@ class BatchSampler:
             u = torch.rand(n, generator=self.generator).tolist()
             starts = [int(f * (len(self.sources[i]) - self.seq_len - 1)) for i, f in zip(which, u, strict=True)]
         mine = range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        windows = torch.from_numpy(np.stack([np.asarray(self.sources[which[k]][starts[k] : starts[k] + self.seq_len + 1], dtype=np.int64) for k in mine]))
+        windows = torch.from_numpy(
+            np.stack(
+                [
+                    np.asarray(self.sources[which[k]][starts[k] : starts[k] + self.seq_len + 1], dtype=np.int64)
+                    for k in mine
+                ]
+            )
+        )
         x, y = windows[:, :-1], windows[:, 1:]
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+def pad_right(rows: Sequence[Sequence[int]], value: int, length: int | None = None):
+    """Rows of different lengths as one (B, L) ``long`` tensor, each row padded on the right with
+    ``value`` up to ``length`` (default: the longest row). Causal attention never looks right, so a
+    row's real tokens never see its padding."""
+    import torch  # optional here: Lab 01 uses this module without torch
+
+    length = max(len(r) for r in rows) if length is None else length
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+    return out

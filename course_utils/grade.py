@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import secrets
 import shutil
@@ -33,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from .checks import FAILED, PASSED, TODO, exercises
 
 DEFAULT_CELL_TIMEOUT = 120
@@ -41,7 +44,7 @@ DEFAULT_CHECK_TIMEOUT = 30
 
 # Loaded into each kernel (via sitecustomize) before the notebook runs: any socket connection to a
 # host other than this machine fails, so a submission cannot use, or wait on, the network.
-NO_NETWORK = '''
+NO_NETWORK = """
 import socket as _socket
 _connect = _socket.socket.connect
 def _local_only(self, address, *args):
@@ -50,7 +53,7 @@ def _local_only(self, address, *args):
         raise OSError("network access is disabled while grading")
     return _connect(self, address, *args)
 _socket.socket.connect = _local_only
-'''
+"""
 
 
 @dataclass
@@ -102,7 +105,7 @@ def student_name(path: Path, submissions: Path, labs: dict[str, str]) -> str:
 def _grading_source(lab: str, extra_tests: str, marker: str, check_timeout: int) -> str:
     """The cell appended to each submission: fresh checks, per-exercise time limit, JSON out."""
     return textwrap.dedent(
-        f'''
+        f"""
         def _course_grade():
             import importlib, json, signal, sys
             for name in sorted(m for m in sys.modules if m == "course_utils" or m.startswith("course_utils.")):
@@ -118,7 +121,8 @@ def _grading_source(lab: str, extra_tests: str, marker: str, check_timeout: int)
             for ex in checks.exercises({lab!r}):
                 fn = globals().get(ex.name)
                 if fn is None:
-                    results[ex.name] = [checks.FAILED, 0.0, ex.points, "no function named " + ex.name + " after running the notebook (keep the name the exercise gives)"]
+                    missing = "no function named " + ex.name + " after running the notebook"
+                    results[ex.name] = [checks.FAILED, 0.0, ex.points, missing + " (keep the name the exercise gives)"]
                     continue
                 alarm = hasattr(signal, "SIGALRM")  # Unix; elsewhere only the cell time limit applies
                 if alarm:
@@ -136,14 +140,15 @@ def _grading_source(lab: str, extra_tests: str, marker: str, check_timeout: int)
                         except checks.NotYetImplemented:
                             status, message = checks.TODO, "not implemented yet"
                 except TimeoutError:
-                    status, message = checks.FAILED, "timed out after {check_timeout} s while checking (an endless loop?)"
+                    status = checks.FAILED
+                    message = "timed out after {check_timeout} s while checking (an endless loop?)"
                 finally:
                     if alarm:
                         signal.alarm(0)
                 results[ex.name] = [status, ex.points if status == checks.PASSED else 0.0, ex.points, message]
             print({marker!r} + json.dumps(results))
         _course_grade()
-        '''
+        """
     )
 
 
@@ -158,9 +163,9 @@ def grade_one(
     notebook_timeout: int = DEFAULT_NOTEBOOK_TIMEOUT,
     check_timeout: int = DEFAULT_CHECK_TIMEOUT,
 ) -> Result:
-    import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import DeadKernelError
+    import nbformat  # optional: the instructors' extra (pip install course_utils[grade])
+    from nbclient import NotebookClient  # optional: as above
+    from nbclient.exceptions import DeadKernelError  # optional: as above
 
     start = time.monotonic()
     try:
@@ -180,7 +185,9 @@ def grade_one(
     lab = detect_lab(raw, path, labs)
     result = Result(student, path, lab)
     if lab is None:
-        result.notes.append("could not tell which lab this notebook is (no '# Lab NN' title, no lab name in the file name)")
+        result.notes.append(
+            "could not tell which lab this notebook is (no '# Lab NN' title, no lab name in the file name)"
+        )
         result.seconds = time.monotonic() - start
         return result
 
@@ -213,7 +220,10 @@ def grade_one(
                     if cell.cell_type != "code":
                         continue
                     if time.monotonic() > deadline:
-                        result.notes.append(f"the notebook time limit ({notebook_timeout} s) was reached before code cell {index}; the rest was not run")
+                        result.notes.append(
+                            f"the notebook time limit ({notebook_timeout} s) was reached before code cell {index}; the "
+                            "rest was not run"
+                        )
                         break
                     client.execute_cell(cell, index)
                     _note_error(result, cell, index)
@@ -227,7 +237,9 @@ def grade_one(
             result.notes.append(f"running the notebook failed: {type(e).__name__}: {e}")
         verdicts = _read_verdicts(nb, marker)
     if verdicts is None:
-        _zero(result, lab, "the checks could not run: " + (result.notes[-1] if result.notes else "no verdicts came back"))
+        _zero(
+            result, lab, "the checks could not run: " + (result.notes[-1] if result.notes else "no verdicts came back")
+        )
     else:
         for name, (status, points, max_points, message) in verdicts.items():
             result.scores[name], result.max_scores[name] = points, max_points
@@ -237,8 +249,6 @@ def grade_one(
 
 
 def _kernel_env() -> dict[str, str]:
-    import os
-
     keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV", "SYSTEMROOT")
     return {k: v for k, v in os.environ.items() if k in keep}
 
@@ -249,7 +259,11 @@ def _note_error(result: Result, cell, index: int) -> None:
             ename, evalue = output.get("ename", "Error"), output.get("evalue", "")
             if ename == "NotImplementedError":
                 return  # an unfinished exercise: its check says so
-            reason = "it ran past the time limit and was interrupted" if ename == "KeyboardInterrupt" else f"{ename}: {evalue}"
+            reason = (
+                "it ran past the time limit and was interrupted"
+                if ename == "KeyboardInterrupt"
+                else f"{ename}: {evalue}"
+            )
             result.notes.append(f"code cell {index} failed: {reason}"[:300])
             return
 
@@ -277,7 +291,7 @@ def find_submissions(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
 
 
-def write_gradebook(results: list[Result], out: Path, labs: dict[str, str]) -> None:
+def write_gradebook(results: list[Result], out: Path) -> None:
     columns: list[str] = []
     for number in sorted({r.lab for r in results if r.lab}):
         columns += [ex.name for ex in exercises(number)]
@@ -317,8 +331,6 @@ def grade_folder(
     root: Path | None = None,
     progress: bool = True,
 ) -> list[Result]:
-    from tqdm.auto import tqdm
-
     root = root or Path(__file__).resolve().parent.parent
     labs = lab_notebooks(root)
     extra = extra_tests.read_text(encoding="utf-8") if extra_tests else ""
@@ -333,9 +345,18 @@ def grade_folder(
         if names[name] > 1:
             name = f"{name}-{names[name]}"
         results.append(
-            grade_one(path, name, labs, root, extra_tests=extra, cell_timeout=cell_timeout, notebook_timeout=notebook_timeout, check_timeout=check_timeout)
+            grade_one(
+                path,
+                name,
+                labs,
+                root,
+                extra_tests=extra,
+                cell_timeout=cell_timeout,
+                notebook_timeout=notebook_timeout,
+                check_timeout=check_timeout,
+            )
         )
-    write_gradebook(results, out, labs)
+    write_gradebook(results, out)
     feedback = feedback or out.parent / "feedback"
     for r in results:
         write_feedback(r, feedback)
@@ -344,10 +365,19 @@ def grade_folder(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Grade submitted notebooks into a gradebook CSV.")
-    parser.add_argument("submissions", type=Path, help="a folder of .ipynb files (searched recursively) or one notebook")
+    parser.add_argument(
+        "submissions", type=Path, help="a folder of .ipynb files (searched recursively) or one notebook"
+    )
     parser.add_argument("--out", type=Path, default=Path("gradebook.csv"))
-    parser.add_argument("--feedback", type=Path, default=None, help="folder for one feedback file per student (default: feedback/ beside --out)")
-    parser.add_argument("--extra-tests", type=Path, default=None, help="Python file with extra_<exercise>(fn) private checks")
+    parser.add_argument(
+        "--feedback",
+        type=Path,
+        default=None,
+        help="folder for one feedback file per student (default: feedback/ beside --out)",
+    )
+    parser.add_argument(
+        "--extra-tests", type=Path, default=None, help="Python file with extra_<exercise>(fn) private checks"
+    )
     parser.add_argument("--cell-timeout", type=int, default=DEFAULT_CELL_TIMEOUT, help="seconds per cell")
     parser.add_argument("--notebook-timeout", type=int, default=DEFAULT_NOTEBOOK_TIMEOUT, help="seconds per notebook")
     parser.add_argument("--check-timeout", type=int, default=DEFAULT_CHECK_TIMEOUT, help="seconds per exercise check")

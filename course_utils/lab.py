@@ -24,13 +24,32 @@ import hashlib
 import os
 import random
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 PROFILES = ("gpu", "cpu", "smoke")
 T = TypeVar("T")
+
+#: ``owner/name`` of the course's public GitHub repository: the one place it is written. Badges and
+#: Colab set-up cells are generated from it (``python -m course_utils.publish``).
+REPOSITORY = "llm-labs/llm-labs"
+#: Branch the badges point at.
+BRANCH = "main"
+
+
+def repository_url() -> str:
+    return f"https://github.com/{REPOSITORY}"
+
+
+def colab_clone_dir() -> str:
+    """Folder the set-up cell clones the course into on Colab."""
+    return "/content/" + REPOSITORY.split("/")[-1]
+
 
 # tiktoken looks in its cache for a file named sha1(url) before it downloads `url`, and checks
 # the file's sha256 against the hash it expects. These are the urls and hashes of
@@ -72,26 +91,37 @@ def choose_profile(device_type: str, env: dict[str, str] | None = None) -> str:
     return "gpu" if device_type == "cuda" else "cpu"
 
 
+def precision_for(device) -> str:
+    """The precision to train in on ``device`` (a ``torch.device`` or its name): bf16 autocast on CUDA
+    compute capability >= 8.0 (A100, L4, H100), fp16 autocast with a gradient scaler below it (T4,
+    V100: no bf16 tensor cores), fp32 elsewhere."""
+    import torch  # optional here: the tokeniser lab runs without torch, and never asks
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+
+
 def choose_device(env: dict[str, str] | None = None) -> tuple[str, str]:
     """Return ``(device, precision)``: CUDA, then Apple MPS, then CPU.
 
-    Precision follows the hardware: bf16 autocast on CUDA compute capability >= 8.0 (A100, L4,
-    H100), fp16 autocast with a gradient scaler below it (T4, V100: no bf16 tensor cores), fp32
-    on MPS and CPU.
+    Precision follows the hardware (:func:`precision_for`).
     """
     env = os.environ if env is None else env
     try:
-        import torch
-    except ImportError:  # the tokeniser lab needs no torch
+        import torch  # optional here: the tokeniser lab needs no torch
+    except ImportError:
         return "cpu", "fp32"
     forced = env.get("COURSE_DEVICE", "").strip().lower()
     if forced and forced not in ("cuda", "mps", "cpu"):
         raise SetupError(f"COURSE_DEVICE={forced!r} is not a device; use cuda, mps or cpu")
     if forced == "cuda" and not torch.cuda.is_available():
-        raise SetupError("COURSE_DEVICE=cuda but PyTorch sees no CUDA GPU (on Colab: Runtime > Change runtime type > T4 GPU)")
+        raise SetupError(
+            "COURSE_DEVICE=cuda but PyTorch sees no CUDA GPU (on Colab: Runtime > Change runtime type > T4 GPU)"
+        )
     if forced in ("", "cuda") and torch.cuda.is_available():
-        major, _ = torch.cuda.get_device_capability()
-        return "cuda", "bf16" if major >= 8 else "fp16"
+        return "cuda", precision_for("cuda")
     mps = getattr(torch.backends, "mps", None)
     if forced in ("", "mps") and mps is not None and mps.is_available():
         return "mps", "fp32"
@@ -101,14 +131,9 @@ def choose_device(env: dict[str, str] | None = None) -> tuple[str, str]:
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and PyTorch (all devices) so CPU runs repeat exactly."""
     random.seed(seed)
+    np.random.seed(seed)
     try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:
-        pass
-    try:
-        import torch
+        import torch  # optional here: the tokeniser lab needs no torch
 
         torch.manual_seed(seed)  # also seeds every CUDA device
     except ImportError:
@@ -118,13 +143,11 @@ def seed_everything(seed: int) -> None:
 def find_root(start: Path | None = None) -> Path | None:
     """The course folder: the first of the working directory and its parents, the package's
     parents and the Colab clone that holds ``data/tinystories``. ``COURSE_DATA_DIR`` wins."""
-    from . import publish  # imported here so that `python -m course_utils.publish` runs cleanly
-
     env_dir = os.environ.get("COURSE_DATA_DIR")
     if env_dir:
         return Path(env_dir).expanduser().resolve().parent
     start = (start or Path.cwd()).resolve()
-    candidates = [start, *start.parents, *Path(__file__).resolve().parents, Path(publish.colab_clone_dir())]
+    candidates = [start, *start.parents, *Path(__file__).resolve().parents, Path(colab_clone_dir())]
     for candidate in candidates:
         if (candidate / "data" / "tinystories").is_dir():
             return candidate
@@ -141,14 +164,20 @@ def data_dir() -> Path:
         return path
     root = find_root()
     if root is None:
-        from . import publish
-
         raise SetupError(
             "cannot find the course's data/ folder. Run the notebook from inside a clone of "
-            f"{publish.repository_url()} (git clone it, then `make lab`), or set COURSE_DATA_DIR "
+            f"{repository_url()} (git clone it, then `make lab`), or set COURSE_DATA_DIR "
             "to the path of its data/ folder."
         )
     return root / "data"
+
+
+def runs_dir(data: Path | None = None) -> Path:
+    """The folder for the student's own artefacts, caches and runs: ``COURSE_RUNS_DIR`` when set,
+    else ``runs/`` beside the ``data/`` folder."""
+    if os.environ.get("COURSE_RUNS_DIR"):
+        return Path(os.environ["COURSE_RUNS_DIR"]).expanduser()
+    return (data or data_dir()).parent / "runs"
 
 
 def use_offline_tiktoken(data: Path, cache_dir: Path | None = None) -> Path:
@@ -199,9 +228,8 @@ class Lab:
         return self.profile == "smoke"
 
     def describe(self) -> str:
-        return (
-            f"device {self.device} | precision {self.precision} | profile {self.profile} | "
-            f"seed {self.seed}" + (" | Colab" if self.colab else "")
+        return f"device {self.device} | precision {self.precision} | profile {self.profile} | seed {self.seed}" + (
+            " | Colab" if self.colab else ""
         )
 
 
@@ -221,7 +249,7 @@ def setup(seed: int = 1337, *, quiet: bool = False, **overrides: Any) -> Lab:
     device, precision = choose_device(env)
     profile = choose_profile(device, env)
     if device == "cuda":
-        import torch
+        import torch  # optional here: only a CUDA machine comes this way
 
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and newer
         torch.backends.cudnn.allow_tf32 = True
@@ -229,8 +257,7 @@ def setup(seed: int = 1337, *, quiet: bool = False, **overrides: Any) -> Lab:
     data = data_dir()
     root = data.parent
     use_offline_tiktoken(data)
-    runs = Path(os.environ["COURSE_RUNS_DIR"]).expanduser() if os.environ.get("COURSE_RUNS_DIR") else root / "runs"
-    lab = Lab(device, precision, profile, seed, on_colab(), root, data, runs)
+    lab = Lab(device, precision, profile, seed, on_colab(), root, data, runs_dir(data))
     if not quiet:
         print(lab.describe())
     return lab
@@ -238,8 +265,6 @@ def setup(seed: int = 1337, *, quiet: bool = False, **overrides: Any) -> Lab:
 
 def online(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
     """Whether ``host`` can be reached: optional online cells run only then, and skip otherwise."""
-    import socket
-
     try:
         socket.create_connection((host, port), timeout=timeout).close()
         return True

@@ -6,6 +6,7 @@ shared machine) and synchronise CUDA so that queued kernels are counted.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -45,8 +46,6 @@ def _tune_malloc() -> None:
         return
     _MALLOC_TUNED = True
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
         libc.malloc_trim(0)

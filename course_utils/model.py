@@ -11,11 +11,15 @@ Ainslie et al. 2023 (grouped-query attention); Holtzman et al. 2020 (nucleus sam
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+#: Parameters of OpenAI's GPT-2 small (:meth:`GPTConfig.gpt2_small`), the tied output layer counted once.
+GPT2_SMALL_PARAMETERS = 124_439_808
 
 
 @dataclass
@@ -40,7 +44,10 @@ class GPTConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig.n_head={self.n_head} must divide n_embd={self.n_embd} (each head gets n_embd // n_head dimensions)")
+            raise ValueError(
+                f"GPTConfig.n_head={self.n_head} must divide n_embd={self.n_embd} (each head gets n_embd // n_head "
+                "dimensions)"
+            )
         if self.attention not in ("sdpa", "naive"):
             raise ValueError(f"GPTConfig.attention must be 'sdpa' or 'naive', got {self.attention!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -61,7 +68,9 @@ class GPTConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def naive_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v, written out. q: (..., Tq, d), k: (..., Tk, d), v: (..., Tk, dv);
     ``mask`` (broadcastable to (..., Tq, Tk)) is True where a query may attend. Returns (..., Tq, dv).
 
@@ -87,7 +96,9 @@ class KVCache:
     the cached keys and values instead of recomputing them for the whole prefix.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None, device=None, dtype=torch.float32):
+    def __init__(
+        self, config: GPTConfig, batch_size: int, max_len: int | None = None, device=None, dtype=torch.float32
+    ):
         self.max_len = max_len or config.context_length
         if self.max_len > config.context_length:
             raise ValueError(f"KVCache max_len={self.max_len} exceeds context_length={config.context_length}")
@@ -100,7 +111,9 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = k.size(2)
         if start + t > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} tokens; {start + t} were asked for (generate fewer tokens)")
+            raise ValueError(
+                f"the KV cache holds {self.max_len} tokens; {start + t} were asked for (generate fewer tokens)"
+            )
         self.k[layer, :, :, start : start + t] = k
         self.v[layer, :, :, start : start + t] = v
         return self.k[layer, :, :, : start + t], self.v[layer, :, :, : start + t]
@@ -190,14 +203,10 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx: (B, T) token ids. Returns logits (B, T, vocab_size) and, with targets (B, T), the mean
-        cross-entropy loss. With ``cache`` the tokens continue the cached ones (positions start there)."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids. Returns the final hidden states (B, T, C), after the last LayerNorm:
+        what the output layer scores, and what Lab 08 pools into text embeddings. With ``cache`` the
+        tokens continue the cached ones (positions start there)."""
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
         B, T = idx.shape
@@ -206,7 +215,8 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.config.context_length:
             raise ValueError(
-                f"sequence of {start + T} tokens is longer than the model's context_length={self.config.context_length}; "
+                f"sequence of {start + T} tokens is longer than the model's "
+                f"context_length={self.config.context_length}; "
                 "crop the input to the last context_length tokens"
             )
         pos = torch.arange(start, start + T, device=idx.device)
@@ -215,7 +225,16 @@ class GPT(nn.Module):
             x = block(x, cache, layer, start)
         if cache is not None:
             cache.pos = start + T
-        logits = self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]  # (B, T, V): padding cut off
+        return self.ln_f(x)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx: (B, T) token ids. Returns logits (B, T, vocab_size) and, with targets (B, T), the mean
+        cross-entropy loss. With ``cache`` the tokens continue the cached ones (positions start there)."""
+        logits = self.lm_head(self.hidden_states(idx, cache))[
+            ..., : self.config.vocab_size
+        ]  # (B, T, V): padding cut off
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -263,7 +282,10 @@ class GPT(nn.Module):
                 padded[: value.shape[0]] = value
                 value = padded
             if value.shape != target:
-                raise ValueError(f"{key}: GPT-2 has shape {tuple(value.shape)}, this model {tuple(ours[name].shape)}; check the config")
+                raise ValueError(
+                    f"{key}: GPT-2 has shape {tuple(value.shape)}, this model {tuple(ours[name].shape)}; check the "
+                    "config"
+                )
             with torch.no_grad():
                 ours[name].copy_(value)
         return model
@@ -348,7 +370,13 @@ def generate(
         )
     was_training = model.training
     model.eval()
-    cache = KVCache(model.config, idx.size(0), idx.size(1) + max_new_tokens, device=idx.device, dtype=model.wte.weight.dtype) if use_cache else None
+    cache = (
+        KVCache(
+            model.config, idx.size(0), idx.size(1) + max_new_tokens, device=idx.device, dtype=model.wte.weight.dtype
+        )
+        if use_cache
+        else None
+    )
     finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     step_input = idx
     for _ in range(max_new_tokens):
@@ -364,6 +392,52 @@ def generate(
                 break
     model.train(was_training)
     return idx
+
+
+def generate_batched(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    stop_id: int | None = None,
+    batch_size: int | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """The new tokens after each prompt (lists of ids of any lengths), greedy by default.
+
+    Prompts of equal length share a batch (at most ``batch_size`` rows; all of them when None) and a
+    KV cache, so no padding is needed; batches run from the shortest prompts up, in prompt order.
+    Each prompt gets at most ``max_new_tokens``, fewer if the context would overflow; a reply ends
+    just after ``stop_id`` when it comes (the stop token is kept, so the caller can tell)."""
+    if not prompts:
+        return []
+    context = model.config.context_length
+    device = next(model.parameters()).device
+    by_length: dict[int, list[int]] = {}
+    for k, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(k)
+    out: list[list[int]] = [[] for _ in prompts]
+    for length, members in sorted(by_length.items()):
+        step = batch_size or len(members)
+        for i in range(0, len(members), step):
+            chunk = members[i : i + step]
+            idx = torch.tensor([list(prompts[k]) for k in chunk], device=device)
+            ids = generate(
+                model,
+                idx,
+                min(max_new_tokens, context - length),
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+                eos_id=stop_id,
+            )
+            for k, row in zip(chunk, ids[:, length:].tolist(), strict=True):
+                out[k] = row[: row.index(stop_id) + 1] if stop_id is not None and stop_id in row else row
+    return out
 
 
 def kv_cache_bytes_per_token(n_layer: int, n_kv_head: int, head_dim: int, bytes_per_value: int = 2) -> int:

@@ -3,7 +3,8 @@ retrieval-augmented prompt.
 
 BM25 scores a document :math:`d` for a query :math:`q` as
 
-.. math:: \\sum_{t \\in q} \\mathrm{IDF}(t)\\,\\frac{f(t, d)\\,(k_1 + 1)}{f(t, d) + k_1 (1 - b + b\\,|d| / \\overline{|d|})},
+.. math:: \\sum_{t \\in q} \\mathrm{IDF}(t)\\,
+          \\frac{f(t, d)\\,(k_1 + 1)}{f(t, d) + k_1 (1 - b + b\\,|d| / \\overline{|d|})},
           \\qquad \\mathrm{IDF}(t) = \\ln\\Big(1 + \\frac{N - n(t) + 0.5}{n(t) + 0.5}\\Big)
 
 with :math:`f(t, d)` the count of term :math:`t` in :math:`d`, :math:`|d|` its length in words,
@@ -18,6 +19,12 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
+import torch
+
+from .data import pad_right
+from .sft import rag_prompt, render_conversation, replies
+from .tokenizer import ENDOFTEXT
+
 _WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -26,7 +33,8 @@ class RetrievalError(ValueError):
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased runs of letters and digits: ``"Born in Tollmere, 1984."`` -> ``["born", "in", "tollmere", "1984"]``."""
+    """Lower-cased runs of letters and digits:
+    ``"Born in Tollmere, 1984."`` -> ``["born", "in", "tollmere", "1984"]``."""
     return _WORD.findall(text.lower())
 
 
@@ -90,26 +98,13 @@ class BM25:
 # ---------------------------------------------------------------------------------------------
 
 
-def hidden_states(model, idx):
-    """The final hidden states (after the last LayerNorm) of ``model`` for ids ``idx`` (B, T): (B, T, C)."""
-    import torch
-
-    pos = torch.arange(idx.size(1), device=idx.device)
-    x = model.wte(idx) + model.wpe(pos)
-    for block in model.h:
-        x = block(x)
-    return model.ln_f(x)
-
-
 def embed(model, tokenizer, texts: Sequence[str], *, batch_size: int = 64):
-    """Unit-length mean-pooled hidden states, one row per text: (len(texts), C). Texts are cut to the
-    model's context; padding is left out of the mean."""
-    import torch
-
+    """Unit-length mean-pooled hidden states (:meth:`GPT.hidden_states`), one row per text:
+    (len(texts), C). Texts are cut to the model's context; padding is left out of the mean."""
     if not texts:
         raise RetrievalError("no texts to embed")
     context = model.config.context_length
-    eot = tokenizer.special_tokens["<|endoftext|>"]
+    eot = tokenizer.special_tokens[ENDOFTEXT]
     ids = [[eot, *tokenizer.encode_ordinary(t)][:context] for t in texts]
     device = next(model.parameters()).device
     rows = []
@@ -118,13 +113,10 @@ def embed(model, tokenizer, texts: Sequence[str], *, batch_size: int = 64):
     with torch.no_grad():
         for i in range(0, len(ids), batch_size):
             chunk_ids = ids[i : i + batch_size]
-            length = max(len(x) for x in chunk_ids)
-            x = torch.full((len(chunk_ids), length), eot, dtype=torch.long, device=device)
-            mask = torch.zeros(len(chunk_ids), length, 1, device=device)
-            for r, row in enumerate(chunk_ids):
-                x[r, : len(row)] = torch.tensor(row, device=device)
-                mask[r, 1 : len(row)] = 1.0  # the leading end-of-text token is the same everywhere: leave it out
-            h = hidden_states(model, x).float()
+            x = pad_right(chunk_ids, eot).to(device)
+            # the leading end-of-text token is the same everywhere: leave it out, and the padding
+            mask = pad_right([[0] + [1] * (len(row) - 1) for row in chunk_ids], 0).to(device).unsqueeze(-1).float()
+            h = model.hidden_states(x).float()
             pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
             rows.append(torch.nn.functional.normalize(pooled, dim=-1))
     model.train(was_training)
@@ -160,29 +152,33 @@ class DenseIndex:
 def recall_at_k(rankings: Sequence[Sequence[int]], relevant: Sequence[set[int]], k: int) -> float:
     """Share of queries with at least one relevant document among their first ``k`` results."""
     if len(rankings) != len(relevant) or not rankings:
-        raise RetrievalError(f"{len(rankings)} rankings for {len(relevant)} sets of relevant documents: give one of each per query")
+        raise RetrievalError(
+            f"{len(rankings)} rankings for {len(relevant)} sets of relevant documents: give one of each per query"
+        )
     if k < 1:
         raise RetrievalError(f"k={k}: use k >= 1")
     return sum(bool(set(r[:k]) & rel) for r, rel in zip(rankings, relevant, strict=True)) / len(rankings)
 
 
-def rag_prompt(question: str, documents: Sequence[str]) -> str:
-    """The user turn of retrieval-augmented generation: the documents, then the question, in the
-    format the reference SFT model practised reading comprehension in."""
-    if not question.strip():
-        raise RetrievalError("the question is empty")
-    return "Read this text and answer the question.\n" + "\n".join(documents) + f"\nQuestion: {question}"
-
-
-def answer_with_documents(model, tokenizer, questions: Sequence[str], documents: Sequence[Sequence[str]], *, max_new_tokens: int = 24) -> list[str | None]:
+def answer_with_documents(
+    model, tokenizer, questions: Sequence[str], documents: Sequence[Sequence[str]], *, max_new_tokens: int = 24
+) -> list[str | None]:
     """Greedy replies of a chat model to :func:`rag_prompt` for each question and its documents; a
     prompt that does not fit the model's context gets ``None`` (count it as a miss)."""
-    from .sft import render, replies
-
     if len(questions) != len(documents):
-        raise RetrievalError(f"{len(questions)} questions but {len(documents)} document lists: give one list per question")
+        raise RetrievalError(
+            f"{len(questions)} questions but {len(documents)} document lists: give one list per question"
+        )
     context = model.config.context_length
     prompts = [[{"role": "user", "content": rag_prompt(q, d)}] for q, d in zip(questions, documents, strict=True)]
-    fits = [len(render(p, tokenizer, for_generation=True)[0]) + max_new_tokens <= context for p in prompts]
-    answers = iter(replies(model, tokenizer, [p for p, ok in zip(prompts, fits, strict=True) if ok], max_new_tokens=max_new_tokens)) if any(fits) else iter(())
+    fits = [len(render_conversation(p, tokenizer, for_generation=True)[0]) + max_new_tokens <= context for p in prompts]
+    answers = (
+        iter(
+            replies(
+                model, tokenizer, [p for p, ok in zip(prompts, fits, strict=True) if ok], max_new_tokens=max_new_tokens
+            )
+        )
+        if any(fits)
+        else iter(())
+    )
     return [next(answers) if ok else None for ok in fits]

@@ -9,20 +9,28 @@ The KL-regularised objective  max_π E_π[r] - β KL(π || π₀)  has the optim
 π*(a) ∝ π₀(a) exp(r(a)/β): Bayes' rule with the pretrained model as the prior and exp(r/β) as the
 likelihood of "this answer is good".
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import random
 import re
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from .sft import problem_conversation  # the prompt of a reasoning problem (also used by the SFT data)
+from .artefacts import load_checkpoint, save_checkpoint
+from .data import pad_right
+from .lab import data_dir, precision_for
+from .sft import problem_conversation, replies, sample_replies
+from .tokenizer import ENDOFTEXT
+from .train import mixed_precision
 from .world import normalise_answer
 
 #: The last sentence of a well-formed reply; what follows "The answer is" is the final answer.
@@ -37,13 +45,14 @@ class RLError(ValueError):
 # The verifiable reward
 # ---------------------------------------------------------------------------------------------
 
+
 def extract_answer(text: str) -> str | None:
     """The final answer of a reply that ends ``... The answer is X.``; ``None`` when it does not."""
     match = _FINAL.search(text.strip())
     return match.group(1).strip() if match else None
 
 
-def reward(response: str, answer: str, *, format_bonus: float = 0.1) -> float:
+def reasoning_reward(response: str, answer: str, *, format_bonus: float = 0.1) -> float:
     """1 for a correct final answer, plus ``format_bonus`` when the reply ends with
     ``The answer is X.`` (so a well-formed wrong answer earns a little, a ramble nothing)."""
     final = extract_answer(response)
@@ -55,6 +64,7 @@ def reward(response: str, answer: str, *, format_bonus: float = 0.1) -> float:
 # ---------------------------------------------------------------------------------------------
 # A one-step toy: the closed-form optimum, and policy gradient that finds it
 # ---------------------------------------------------------------------------------------------
+
 
 def kl_optimal_policy(prior: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
     """π*(a) ∝ π₀(a)·exp(r(a)/β), the maximiser of E_π[r] - β KL(π || π₀)."""
@@ -77,8 +87,16 @@ def regularised_objective(policy: torch.Tensor, prior: torch.Tensor, rewards: to
     return ((p * rewards.double()).sum() - beta * kl).item()
 
 
-def toy_policy_gradient(prior: torch.Tensor, rewards: torch.Tensor, beta: float, *, steps: int = 3000, batch_size: int = 64,
-                        lr: float = 0.05, seed: int = 0) -> tuple[torch.Tensor, list[float]]:
+def toy_policy_gradient(
+    prior: torch.Tensor,
+    rewards: torch.Tensor,
+    beta: float,
+    *,
+    steps: int = 3000,
+    batch_size: int = 64,
+    lr: float = 0.05,
+    seed: int = 0,
+) -> tuple[torch.Tensor, list[float]]:
     """Learn a softmax policy over the actions by sampled policy gradient (REINFORCE) on
     r(a) - β log(π(a)/π₀(a)), starting from π₀, with the batch mean as baseline and a step size that
     decays to zero. Returns the final policy and its total variation from π* after every step."""
@@ -107,6 +125,7 @@ def toy_policy_gradient(prior: torch.Tensor, rewards: torch.Tensor, beta: float,
 # GRPO: advantages and the loss
 # ---------------------------------------------------------------------------------------------
 
+
 def group_advantages(rewards: torch.Tensor, *, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
     """Advantages for a (prompts, group) table of rewards: each reward minus its group's mean,
     divided by the group's standard deviation (population, ÷G) plus ``eps`` when ``scale``. A group
@@ -119,8 +138,17 @@ def group_advantages(rewards: torch.Tensor, *, scale: bool = True, eps: float = 
     return centred / (rewards.std(dim=1, keepdim=True, correction=0) + eps)
 
 
-def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-              clip: float = 0.2, beta: float = 0.04, token_level: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip: float = 0.2,
+    beta: float = 0.04,
+    token_level: bool = False,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped surrogate with a KL penalty, to minimise. ``logp``/``old_logp``/``ref_logp`` are
     (N, T) log-probabilities of the sampled tokens under the policy being trained, the policy that
     sampled them and the frozen reference; ``advantages`` is (N,), one per reply; ``mask`` (N, T) is
@@ -130,8 +158,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     KL estimate k₃ = π_ref/π - log(π_ref/π) - 1. Averaged over each reply's tokens, then over replies;
     ``token_level`` averages over all tokens of the batch at once instead."""
     if not (logp.shape == old_logp.shape == ref_logp.shape == mask.shape):
-        raise RLError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, ref_logp {tuple(ref_logp.shape)} and mask "
-                      f"{tuple(mask.shape)} must all be (replies, tokens)")
+        raise RLError(
+            f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, ref_logp {tuple(ref_logp.shape)} and mask "
+            f"{tuple(mask.shape)} must all be (replies, tokens)"
+        )
     if advantages.shape != logp.shape[:1]:
         raise RLError(f"advantages must be one per reply, shape ({logp.size(0)},), got {tuple(advantages.shape)}")
     mask = mask.to(logp.dtype)
@@ -156,6 +186,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 # Sampling groups of replies, and scoring them
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Rollouts:
     """A batch of sampled replies: ``ids`` (N, T) prompt + reply, right-padded; ``mask`` (N, T-1) True
@@ -169,40 +200,10 @@ class Rollouts:
     lengths: torch.Tensor
 
 
-def sample_replies(model, tokenizer, conversations: Sequence[Sequence[dict]], *, n: int = 1, max_new_tokens: int = 64,
-                   temperature: float = 1.0, generator=None) -> list[tuple[list[int], list[int], str]]:
-    """``n`` sampled replies to each conversation, in order (conversation 0's ``n`` first), as
-    (prompt ids, reply ids ending at ``<|end|>`` when it came, reply text). Prompts of one length
-    share a batch and a KV cache."""
-    from .model import generate
-    from .sft import END, render
-
-    end = tokenizer.special_tokens[END]
-    context = model.config.context_length
-    prompts = [render(c, tokenizer, for_generation=True, max_len=context - 1)[0] for c in conversations]
-    device = next(model.parameters()).device
-    rows = [k for k in range(len(prompts)) for _ in range(n)]
-    out: list = [None] * len(rows)
-    by_length: dict[int, list[int]] = {}
-    for r, k in enumerate(rows):
-        by_length.setdefault(len(prompts[k]), []).append(r)
-    for length, members in sorted(by_length.items()):
-        idx = torch.tensor([prompts[rows[r]] for r in members], device=device)
-        ids = generate(model, idx, min(max_new_tokens, context - length), temperature=temperature, generator=generator, eos_id=end)
-        for r, reply in zip(members, ids[:, length:].tolist(), strict=True):
-            reply = reply[: reply.index(end) + 1] if end in reply else reply
-            text = tokenizer.decode([t for t in reply if t < len(tokenizer.vocab)])
-            out[r] = (prompts[rows[r]], reply, text)
-    return out
-
-
 def _batch(samples, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) + len(r) for p, r, _ in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(samples), width - 1), dtype=torch.bool)
-    for i, (prompt, reply, _) in enumerate(samples):
-        ids[i, : len(prompt) + len(reply)] = torch.tensor(prompt + reply)
-        mask[i, len(prompt) - 1 : len(prompt) - 1 + len(reply)] = True
+    """Prompt + reply ids of every sample, right-padded, and the mask of reply positions (N, T-1)."""
+    ids = pad_right([r.prompt + r.reply for r in samples], pad_id)
+    mask = pad_right([[0] * (len(r.prompt) - 1) + [1] * len(r.reply) for r in samples], 0, ids.size(1) - 1).bool()
     return ids.to(device), mask.to(device)
 
 
@@ -213,24 +214,41 @@ def token_logprobs(model, ids: torch.Tensor, temperature: float = 1.0) -> torch.
     return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
-def rollout(model, tokenizer, problems: Sequence[dict], *, group_size: int, max_new_tokens: int = 64, temperature: float = 1.0,
-            generator=None, reward_fn: Callable[[str, str], float] = reward) -> Rollouts:
+def rollout(
+    model,
+    tokenizer,
+    problems: Sequence[dict],
+    *,
+    group_size: int,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    generator=None,
+    reward_fn: Callable[[str, str], float] = reasoning_reward,
+) -> Rollouts:
     """Sample ``group_size`` replies to every problem and score them with ``reward_fn``."""
-    from .sft import EOT
-
-    samples = sample_replies(model, tokenizer, [problem_conversation(p) for p in problems], n=group_size,
-                             max_new_tokens=max_new_tokens, temperature=temperature, generator=generator)
+    samples = sample_replies(
+        model,
+        tokenizer,
+        [problem_conversation(p) for p in problems],
+        n=group_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        generator=generator,
+    )
     device = next(model.parameters()).device
-    ids, mask = _batch(samples, tokenizer.special_tokens[EOT], device)
+    ids, mask = _batch(samples, tokenizer.special_tokens[ENDOFTEXT], device)
     answers = [p["answer"] for p in problems for _ in range(group_size)]
-    texts = [text for _, _, text in samples]
-    rewards = torch.tensor([reward_fn(t, a) for t, a in zip(texts, answers, strict=True)], dtype=torch.float32, device=device)
+    texts = [r.text for r in samples]
+    rewards = torch.tensor(
+        [reward_fn(t, a) for t, a in zip(texts, answers, strict=True)], dtype=torch.float32, device=device
+    )
     return Rollouts(ids, mask, texts, rewards, mask.sum(1))
 
 
 # ---------------------------------------------------------------------------------------------
 # Measuring
 # ---------------------------------------------------------------------------------------------
+
 
 def pass_at_k(n: int, correct: int, k: int) -> float:
     """The unbiased estimate of the chance that at least one of ``k`` replies is right, from ``n``
@@ -244,26 +262,44 @@ def pass_at_k(n: int, correct: int, k: int) -> float:
 
 def accuracy(model, tokenizer, problems: Sequence[dict], *, max_new_tokens: int = 64) -> float:
     """Share of ``problems`` whose greedy reply ends with the right final answer."""
-    from .sft import replies
-
     if not problems:
         raise RLError("no problems to measure on")
     texts = replies(model, tokenizer, [problem_conversation(p) for p in problems], max_new_tokens=max_new_tokens)
-    return sum(reward(t, p["answer"]) >= 1 for t, p in zip(texts, problems, strict=True)) / len(problems)
+    return sum(reasoning_reward(t, p["answer"]) >= 1 for t, p in zip(texts, problems, strict=True)) / len(problems)
 
 
-def pass_at_k_curve(model, tokenizer, problems: Sequence[dict], ks: Sequence[int] = (1, 2, 4, 8), *, n: int = 8,
-                    max_new_tokens: int = 64, seed: int = 0) -> dict[int, float]:
+def pass_at_k_curve(
+    model,
+    tokenizer,
+    problems: Sequence[dict],
+    ks: Sequence[int] = (1, 2, 4, 8),
+    *,
+    n: int = 8,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+) -> dict[int, float]:
     """pass@k for each k, from ``n`` replies per problem sampled at temperature 1."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    samples = sample_replies(model, tokenizer, [problem_conversation(p) for p in problems], n=n, max_new_tokens=max_new_tokens, generator=gen)
-    correct = [sum(reward(samples[i * n + j][2], p["answer"]) >= 1 for j in range(n)) for i, p in enumerate(problems)]
+    samples = sample_replies(
+        model,
+        tokenizer,
+        [problem_conversation(p) for p in problems],
+        n=n,
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        generator=gen,
+    )
+    correct = [
+        sum(reasoning_reward(samples[i * n + j].text, p["answer"]) >= 1 for j in range(n))
+        for i, p in enumerate(problems)
+    ]
     return {k: sum(pass_at_k(n, c, k) for c in correct) / len(problems) for k in ks}
 
 
 # ---------------------------------------------------------------------------------------------
 # The training loop
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class GRPOConfig:
@@ -289,20 +325,22 @@ class GRPOConfig:
     seed: int = 0
 
 
-def _autocast(device: torch.device):
-    if device.type != "cuda":
-        return nullcontext, None
-    dtype = torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
-
-
 GRPO_FORMAT = "course-grpo-1"
 
 
-def grpo(policy, tokenizer, train_problems: Sequence[dict], eval_problems: Sequence[dict], cfg: GRPOConfig | None = None, *,
-         out_dir=None, checkpoint_every: int = 25, progress: bool = True, on_eval: Callable[[list[dict]], None] | None = None,
-         reward_fn: Callable[[str, str], float] = reward) -> tuple[torch.nn.Module, list[dict]]:
+def grpo(
+    policy,
+    tokenizer,
+    train_problems: Sequence[dict],
+    eval_problems: Sequence[dict],
+    cfg: GRPOConfig | None = None,
+    *,
+    out_dir=None,
+    checkpoint_every: int = 25,
+    progress: bool = True,
+    on_eval: Callable[[list[dict]], None] | None = None,
+    reward_fn: Callable[[str, str], float] = reasoning_reward,
+) -> tuple[torch.nn.Module, list[dict]]:
     """Train a copy of ``policy`` with GRPO on ``train_problems``; the reference is ``policy`` itself,
     frozen. Every step samples ``group_size`` replies to ``prompts_per_step`` problems and logs mean
     reward, share solved, reply length, KL to the reference and clip fraction; every ``eval_every``
@@ -313,15 +351,11 @@ def grpo(policy, tokenizer, train_problems: Sequence[dict], eval_problems: Seque
     history) is written atomically every ``checkpoint_every`` steps and at the end, and a later call
     with the same settings resumes from it exactly (a dropped Colab session loses at most
     ``checkpoint_every`` steps). Returns (trained policy, history)."""
-    from pathlib import Path
-
-    from tqdm.auto import tqdm
-
-    from .train import save_checkpoint
-
     cfg = cfg or GRPOConfig()
     if cfg.group_size < 2:
-        raise RLError(f"group_size must be at least 2 (advantages compare replies within a group), got {cfg.group_size}")
+        raise RLError(
+            f"group_size must be at least 2 (advantages compare replies within a group), got {cfg.group_size}"
+        )
     if not train_problems or not eval_problems:
         raise RLError("need at least one training and one evaluation problem")
     device = next(policy.parameters()).device
@@ -335,7 +369,7 @@ def grpo(policy, tokenizer, train_problems: Sequence[dict], eval_problems: Seque
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     order = random.Random(cfg.seed)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    autocast, scaler = _autocast(device)
+    autocast, scaler = mixed_precision(device, precision_for(device))
     history: list[dict] = []
     pool: list[int] = []
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "steps"}
@@ -348,24 +382,32 @@ def grpo(policy, tokenizer, train_problems: Sequence[dict], eval_problems: Seque
 
     def save() -> None:
         if path is not None:
-            save_checkpoint(path, {"format": GRPO_FORMAT, "settings": settings, "n_problems": len(train_problems), "model": model.state_dict(),
-                                   "optimiser": optimiser.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                                   "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "order": order.getstate(),
-                                   "pool": pool, "history": history})
+            save_checkpoint(
+                path,
+                {
+                    "format": GRPO_FORMAT,
+                    "settings": settings,
+                    "n_problems": len(train_problems),
+                    "model": model.state_dict(),
+                    "optimiser": optimiser.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "order": order.getstate(),
+                    "pool": pool,
+                    "history": history,
+                },
+            )
 
     if path is not None and path.exists():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise RLError(f"{path} is damaged and cannot be read ({type(e).__name__}); delete it to start afresh") from e
-        if not isinstance(state, dict) or state.get("format") != GRPO_FORMAT:
-            raise RLError(f"{path} is not a GRPO checkpoint of this course; delete it or choose another out_dir")
+        state = load_checkpoint(path, GRPO_FORMAT, what="GRPO checkpoint", error=RLError)
         if state["settings"] != settings or state["n_problems"] != len(train_problems):
-            raise RLError(f"{path} holds a GRPO run with other settings; delete {Path(out_dir)} or choose another out_dir")
+            raise RLError(
+                f"{path} holds a GRPO run with other settings; delete {Path(out_dir)} or choose another out_dir"
+            )
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
-        if scaler and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
+        scaler.load_state_dict(state["scaler"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         order.setstate(state["order"])
@@ -383,32 +425,40 @@ def grpo(policy, tokenizer, train_problems: Sequence[dict], eval_problems: Seque
         batch, pool = [train_problems[i] for i in pool[: cfg.prompts_per_step]], pool[cfg.prompts_per_step :]
         model.eval()
         with torch.no_grad():
-            roll = rollout(model, tokenizer, batch, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature, generator=gen, reward_fn=reward_fn)
+            roll = rollout(
+                model,
+                tokenizer,
+                batch,
+                group_size=cfg.group_size,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                generator=gen,
+                reward_fn=reward_fn,
+            )
             with autocast():
                 old = token_logprobs(model, roll.ids, cfg.temperature)
                 ref = token_logprobs(reference, roll.ids, cfg.temperature)
         model.train()
         adv = group_advantages(roll.rewards.view(-1, cfg.group_size), scale=cfg.scale_std).view(-1)
-        row = {"step": step + 1, "reward": roll.rewards.mean().item(), "length": roll.lengths.float().mean().item(),
-               "solved": (roll.rewards >= 1).float().mean().item()}
+        row = {
+            "step": step + 1,
+            "reward": roll.rewards.mean().item(),
+            "length": roll.lengths.float().mean().item(),
+            "solved": (roll.rewards >= 1).float().mean().item(),
+        }
         for _ in range(cfg.updates_per_batch):
             with autocast():
                 logp = token_logprobs(model, roll.ids, cfg.temperature)
-            loss, stats = grpo_loss(logp, old, ref, adv, roll.mask, clip=cfg.clip, beta=cfg.beta, token_level=cfg.token_level)
+            loss, stats = grpo_loss(
+                logp, old, ref, adv, roll.mask, clip=cfg.clip, beta=cfg.beta, token_level=cfg.token_level
+            )
             optimiser.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimiser)
-            else:
-                loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimiser)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if scaler is not None:
-                scaler.step(optimiser)
-                scaler.update()
-            else:
-                optimiser.step()
+            scaler.step(optimiser)
+            scaler.update()
         row.update(loss=loss.item(), **stats)
         history.append(row)
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
@@ -424,72 +474,20 @@ def grpo(policy, tokenizer, train_problems: Sequence[dict], eval_problems: Seque
 # Real RL-for-reasoning data
 # ---------------------------------------------------------------------------------------------
 
+
 def gsm8k(data=None) -> list[dict]:
     """The shipped GSM8K test problems (``data/gsm8k/test.jsonl``): ``question``, ``solution`` (the
     worked answer, with calculator annotations ``<<…>>``) and ``answer`` (the number after ``####``)."""
-    import json
-
-    from .lab import data_dir
-
     path = (data or data_dir()) / "gsm8k" / "test.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: it ships with the course repository (data/gsm8k); pull the repository again")
+        raise FileNotFoundError(
+            f"{path} is missing: it ships with the course repository (data/gsm8k); pull the repository again"
+        )
     problems = []
     for line in path.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         solution, _, answer = record["answer"].rpartition("####")
-        problems.append({"question": record["question"], "solution": solution.strip(), "answer": answer.strip().replace(",", "")})
+        problems.append(
+            {"question": record["question"], "solution": solution.strip(), "answer": answer.strip().replace(",", "")}
+        )
     return problems
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: the gpu-profile run of Lab 09, from the reference SFT model
-# ---------------------------------------------------------------------------------------------
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m course_utils.rl --out-dir runs/grpo``: GRPO from the reference SFT model on the
-    world's reasoning problems; prints accuracy and pass@k before and after and writes
-    ``history.json`` and ``summary.json`` to the run folder (resumes from its checkpoint)."""
-    import argparse
-    import json
-    import time
-    from pathlib import Path
-
-    from .sft import load_sft_model
-    from .world import make_world
-
-    defaults = GRPOConfig()
-    parser = argparse.ArgumentParser(prog="python -m course_utils.rl", description=main.__doc__)
-    parser.add_argument("--out-dir", default="runs/grpo")
-    for name in ("steps", "prompts_per_step", "group_size", "lr", "beta", "temperature", "eval_every", "seed"):
-        parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)), default=getattr(defaults, name))
-    parser.add_argument("--no-kl", action="store_true", help="beta = 0")
-    parser.add_argument("--no-std", action="store_true", help="do not divide advantages by the group's standard deviation")
-    parser.add_argument("--token-level", action="store_true", help="average the loss over all tokens of the batch")
-    parser.add_argument("--n-eval", type=int, default=300, help="held-out problems")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    cfg = GRPOConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size, lr=args.lr,
-                     beta=0.0 if args.no_kl else args.beta, scale_std=not args.no_std, token_level=args.token_level,
-                     temperature=args.temperature, eval_every=args.eval_every, seed=args.seed)
-    world = make_world(0)
-    policy, tokenizer = load_sft_model(args.device)
-    policy.float()
-    train_problems = world.reasoning_problems("sft", 2000, seed=1)
-    eval_problems = world.reasoning_problems("heldout", args.n_eval, seed=0)
-    start = time.perf_counter()
-    trained, history = grpo(policy, tokenizer, train_problems, eval_problems, cfg, out_dir=args.out_dir)
-    seconds = time.perf_counter() - start
-    summary = {"config": dataclasses.asdict(cfg), "seconds": round(seconds, 1), "device": args.device,
-               "accuracy_before": history[0]["accuracy"], "accuracy_after": history[-1]["accuracy"],
-               "pass_at_k_before": pass_at_k_curve(policy, tokenizer, eval_problems, (1, 4, 16), n=16),
-               "pass_at_k_after": pass_at_k_curve(trained, tokenizer, eval_problems, (1, 4, 16), n=16)}
-    out = Path(args.out_dir)
-    (out / "history.json").write_text(json.dumps(history))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -13,11 +13,22 @@ Three fits, as in Hoffmann et al. (2022):
 from __future__ import annotations
 
 import csv
+import itertools
 import math
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import tinystories, token_cache
+from .model import GPT, GPTConfig
+from .tokenizer import train_bpe_fast
+from .train import TrainConfig, Trainer
 
 #: The fit published by Hoffmann et al. (2022), approach 3 (their eq. 10), for N and D in parameters and tokens.
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
@@ -34,20 +45,25 @@ def fit_power_law(x, y) -> tuple[float, float]:
     return float(math.exp(log_a)), float(b)
 
 
-def isoflop_minimum(n_params, losses) -> tuple[float, np.ndarray]:
+def isoflop_vertex(n_params, losses) -> tuple[float, np.ndarray]:
     """Fit ``loss ≈ c2 (log N)^2 + c1 log N + c0`` to one budget's runs; return the vertex
     ``N* = exp(-c1 / (2 c2))`` and the coefficients ``(c2, c1, c0)``. Needs three runs or more and a
     parabola that opens upwards (a minimum inside the sweep, not a slope)."""
     n, loss = np.asarray(n_params, dtype=float), np.asarray(losses, dtype=float)
     if len(n) < 3 or n.shape != loss.shape:
-        raise ValueError(f"an IsoFLOP parabola needs three runs or more with one loss each, got {len(n)} sizes and {len(loss)} losses")
+        raise ValueError(
+            f"an IsoFLOP parabola needs three runs or more with one loss each, got {len(n)} sizes and {len(loss)} "
+            "losses"
+        )
     log_n = np.log(n)
     coeffs = np.polyfit(log_n, loss, 2)
     span = log_n.max() - log_n.min()
     vertex = -coeffs[1] / (2 * coeffs[0]) if coeffs[0] > 0 else math.inf
     if not log_n.min() - span <= vertex <= log_n.max() + span:
-        raise ValueError("the losses do not curve upwards in log N within the sweep, so this budget has no minimum there; "
-                         "add smaller and larger models")
+        raise ValueError(
+            "the losses do not curve upwards in log N within the sweep, so this budget has no minimum there; "
+            "add smaller and larger models"
+        )
     return float(math.exp(vertex)), coeffs
 
 
@@ -57,37 +73,55 @@ def chinchilla_loss(n, d, params: dict[str, float] = CHINCHILLA):
     return params["E"] + params["A"] / n ** params["alpha"] + params["B"] / d ** params["beta"]
 
 
-def fit_chinchilla(n, d, losses, *, delta: float = 1e-3, grid: dict[str, tuple[float, ...]] | None = None, top_k: int = 5) -> dict[str, float]:
+def huber_log_objective(
+    theta: torch.Tensor, log_n: torch.Tensor, log_d: torch.Tensor, log_loss: torch.Tensor, delta: float = 1e-3
+) -> torch.Tensor:
+    """The summed Huber loss (``delta``) between predicted and measured log-losses, the objective of
+    Chinchilla's approach 3. ``theta = (e, a, b, alpha, beta)`` with ``E = exp(e)``, ``A = exp(a)``,
+    ``B = exp(b)``, so ``log L = logsumexp(a - alpha log N, b - beta log D, e)``. theta: (5,) or (S, 5)
+    starts at once; log_n, log_d, log_loss: (R,) runs. Returns () or (S,)."""
+    e, a, b, alpha, beta = (x.unsqueeze(-1) for x in theta.unbind(-1))
+    pred = torch.logsumexp(
+        torch.stack(torch.broadcast_tensors(a - alpha * log_n, b - beta * log_d, e + 0 * log_n)), dim=0
+    )
+    return torch.nn.functional.huber_loss(pred, log_loss.expand_as(pred), delta=delta, reduction="none").sum(-1)
+
+
+def fit_chinchilla(
+    n, d, losses, *, delta: float = 1e-3, grid: dict[str, tuple[float, ...]] | None = None, top_k: int = 5
+) -> dict[str, float]:
     """Approach 3: the ``E, A, B, alpha, beta`` whose log-loss best matches ``log(losses)`` under a Huber
     loss. Parameterised as ``a = log A``, ``b = log B``, ``e = log E``, so the prediction is
     ``logsumexp(a - alpha log N, b - beta log D, e)``; the ``top_k`` best starts of the grid are refined
     by L-BFGS and the best end point kept. Returns the parameters and ``"objective"``, the summed Huber loss."""
-    import itertools
-
-    import torch
-
     n, d, losses = (np.asarray(v, dtype=float) for v in (n, d, losses))
     if not (n.shape == d.shape == losses.shape) or len(n) < 5:
         raise ValueError(f"need N, D and loss for five runs or more (five parameters), got {len(n)}")
     if (n <= 0).any() or (d <= 0).any() or (losses <= 0).any():
         raise ValueError("N, D and the losses must all be positive")
     log_n, log_d, log_l = (torch.tensor(np.log(v), dtype=torch.float64) for v in (n, d, losses))
-    grid = grid or {"e": (-1.0, -0.5, 0.0, 0.5, 1.0), "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
-                    "alpha": (0.0, 0.5, 1.0, 1.5, 2.0), "beta": (0.0, 0.5, 1.0, 1.5, 2.0)}  # the grid of Hoffmann et al.
+    grid = grid or {
+        "e": (-1.0, -0.5, 0.0, 0.5, 1.0),
+        "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+        "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+        "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
+        "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
+    }  # the grid of Hoffmann et al.
 
-    def objective(theta):  # theta: (5,) or (S, 5) -> the summed Huber loss, () or (S,)
-        e, a, b, alpha, beta = theta.unbind(-1)
-        terms = [x.unsqueeze(-1) for x in (a, alpha, b, beta, e)]
-        pred = torch.logsumexp(torch.stack(torch.broadcast_tensors(terms[0] - terms[1] * log_n, terms[2] - terms[3] * log_d, terms[4] + 0 * log_n)), dim=0)
-        return torch.nn.functional.huber_loss(pred, log_l.expand_as(pred), delta=delta, reduction="none").sum(-1)
+    def objective(theta):
+        return huber_log_objective(theta, log_n, log_d, log_l, delta)
 
-    starts = torch.tensor(list(itertools.product(grid["e"], grid["a"], grid["b"], grid["alpha"], grid["beta"])), dtype=torch.float64)
+    starts = torch.tensor(
+        list(itertools.product(grid["e"], grid["a"], grid["b"], grid["alpha"], grid["beta"])), dtype=torch.float64
+    )
     with torch.no_grad():  # score the whole grid at once, then refine only the most promising starts
         scores = objective(starts)
     best, best_value = None, math.inf
     for start in starts[torch.argsort(scores)[:top_k]]:
         theta = start.clone().requires_grad_(True)
-        optimiser = torch.optim.LBFGS([theta], lr=1.0, max_iter=100, tolerance_grad=1e-10, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+        optimiser = torch.optim.LBFGS(
+            [theta], lr=1.0, max_iter=100, tolerance_grad=1e-10, tolerance_change=1e-12, line_search_fn="strong_wolfe"
+        )
 
         def closure(optimiser=optimiser, theta=theta):
             optimiser.zero_grad()
@@ -121,7 +155,19 @@ def optimal_allocation(params: dict[str, float], compute) -> tuple[np.ndarray, n
 # Sweeps: which runs, how much compute, and their results as CSV
 # ---------------------------------------------------------------------------------------------
 
-SWEEP_FIELDS = ("budget", "n_layer", "n_embd", "n_head", "params", "tokens", "steps", "flops", "val_loss", "seconds", "heldout")
+SWEEP_FIELDS = (
+    "budget",
+    "n_layer",
+    "n_embd",
+    "n_head",
+    "params",
+    "tokens",
+    "steps",
+    "flops",
+    "val_loss",
+    "seconds",
+    "heldout",
+)
 
 
 @dataclass(frozen=True)
@@ -144,7 +190,9 @@ def load_sweep(path: Path | str) -> list[dict[str, float]]:
         rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     missing = set(SWEEP_FIELDS) - set(rows[0] if rows else SWEEP_FIELDS)
     if not rows or missing:
-        raise ValueError(f"{path} is not a sweep CSV: {'no rows' if not rows else f'columns {sorted(missing)} missing'}")
+        raise ValueError(
+            f"{path} is not a sweep CSV: {'no rows' if not rows else f'columns {sorted(missing)} missing'}"
+        )
     return rows
 
 
@@ -162,18 +210,26 @@ def run_params(n_layer: int, n_embd: int, vocab_size: int) -> int:
     """N of a model shape: every weight a token's computation multiplies by (the blocks, the final norm
     and the tied embedding/output matrix), not the position table. ``6 N`` is then its FLOPs per token
     without attention, matching :meth:`GPT.flops_per_token`."""
-    import torch
-
-    from .model import GPT, GPTConfig
-
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = GPT(GPTConfig(vocab_size=vocab_size, context_length=8, n_layer=n_layer, n_head=1, n_embd=n_embd))
     return model.num_parameters() - model.wpe.weight.numel()
 
 
-def run_sweep(runs: list[Run], train_tokens, val_tokens, vocab_size: int, *, context_length: int = 128, batch_size: int = 16,
-              lr: float = 3e-3, eval_batches: int = 10, device: str = "auto", out: Path | str | None = None, seed: int = 0,
-              progress: bool = True) -> list[dict[str, float]]:
+def run_sweep(
+    runs: list[Run],
+    train_tokens,
+    val_tokens,
+    vocab_size: int,
+    *,
+    context_length: int = 128,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    eval_batches: int = 10,
+    device: str = "auto",
+    out: Path | str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, float]]:
     """Train every run for its compute budget and record its final validation loss.
 
     A run's FLOPs per token are ``GPT.flops_per_token`` (6N plus attention); its tokens are
@@ -181,37 +237,59 @@ def run_sweep(runs: list[Run], train_tokens, val_tokens, vocab_size: int, *, con
     run warms up for 10% of its steps and decays on a cosine to 10% of ``lr``. With ``out`` each row is
     appended to that CSV as soon as it is done, and runs already in it are skipped, so an interrupted
     sweep resumes where it stopped."""
-    import shutil
-    import tempfile
-    import time
-
-    from tqdm.auto import tqdm
-
-    from .train import TrainConfig, Trainer
-
-    done = {(r["budget"], r["n_layer"], r["n_embd"]): r for r in (load_sweep(out) if out and Path(out).exists() else [])}
+    done = {
+        (r["budget"], r["n_layer"], r["n_embd"]): r for r in (load_sweep(out) if out and Path(out).exists() else [])
+    }
     rows: list[dict[str, float]] = []
     for run in tqdm(runs, desc="sweep", unit="run", disable=not progress):
         key = (float(run.budget), float(run.n_layer), float(run.n_embd))  # resuming: a row per run
         if key in done:
             rows.append(done[key])
             continue
-        cfg = TrainConfig(out_dir=tempfile.mkdtemp(prefix="sweep-"), n_layer=run.n_layer, n_head=run.n_head, n_embd=run.n_embd, context_length=context_length,
-                          batch_size=batch_size, max_steps=1, lr=lr, eval_every=0, eval_batches=eval_batches, checkpoint_every=0,
-                          seed=seed, device=device)
-        trainer = Trainer(cfg, train_tokens, val_tokens, vocab_size, log=lambda *a: None)
+        shape = GPTConfig(
+            vocab_size=vocab_size,
+            context_length=context_length,
+            n_layer=run.n_layer,
+            n_head=run.n_head,
+            n_embd=run.n_embd,
+        )
+        cfg = TrainConfig(
+            model=shape,
+            out_dir=tempfile.mkdtemp(prefix="sweep-"),
+            batch_size=batch_size,
+            max_steps=1,
+            lr=lr,
+            eval_every=0,
+            eval_batches=eval_batches,
+            checkpoint_every=0,
+            seed=seed,
+            device=device,
+        )
+        trainer = Trainer(cfg, train_tokens, val_tokens)
         per_step = trainer.model.flops_per_token(context_length) * trainer.tokens_per_step
         steps = max(1, round(run.budget / per_step))
         if steps < 10:
-            raise ValueError(f"budget {run.budget:.2e} gives the {run.n_layer}x{run.n_embd} model only {steps} steps; raise the budget or drop the size")
+            raise ValueError(
+                f"budget {run.budget:.2e} gives the {run.n_layer}x{run.n_embd} model only {steps} steps; raise the "
+                "budget or drop the size"
+            )
         cfg.max_steps, cfg.warmup_steps = steps, max(1, steps // 10)
         start = time.perf_counter()
         trainer.fit(progress=False)
         shutil.rmtree(cfg.out_dir, ignore_errors=True)  # the per-step log of a sweep run is not kept
-        row = {"budget": float(run.budget), "n_layer": run.n_layer, "n_embd": run.n_embd, "n_head": run.n_head,
-               "params": float(trainer.model.num_parameters() - trainer.model.wpe.weight.numel()), "tokens": float(steps * trainer.tokens_per_step),
-               "steps": steps, "flops": steps * per_step, "val_loss": trainer.evaluate(), "seconds": time.perf_counter() - start,
-               "heldout": float(run.heldout)}
+        row = {
+            "budget": float(run.budget),
+            "n_layer": run.n_layer,
+            "n_embd": run.n_embd,
+            "n_head": run.n_head,
+            "params": float(trainer.model.num_parameters() - trainer.model.wpe.weight.numel()),
+            "tokens": float(steps * trainer.tokens_per_step),
+            "steps": steps,
+            "flops": steps * per_step,
+            "val_loss": trainer.evaluate(),
+            "seconds": time.perf_counter() - start,
+            "heldout": float(run.heldout),
+        }
         rows.append(row)
         if out:
             existing = load_sweep(out) if Path(out).exists() else []
@@ -225,37 +303,6 @@ def isoflop_runs(budgets, shapes: list[tuple[int, int]], head_dim: int = 64) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Plots
-# ---------------------------------------------------------------------------------------------
-
-
-def plot_isoflops(rows: list[dict[str, float]], ax=None):
-    """Final loss against N for each budget (log x), with each budget's parabola and its vertex."""
-    import matplotlib.pyplot as plt
-
-    ax = ax or plt.subplots(figsize=(6, 4))[1]
-    budgets = sorted({r["budget"] for r in rows})
-    colours = plt.cm.viridis(np.linspace(0, 0.9, len(budgets)))
-    for budget, colour in zip(budgets, colours, strict=True):
-        pts = sorted((r["params"], r["val_loss"]) for r in rows if r["budget"] == budget)
-        n, loss = np.array(pts).T
-        ax.plot(n, loss, "o", color=colour, label=f"C = {budget:.1e} FLOPs")
-        try:
-            n_opt, coeffs = isoflop_minimum(n, loss)
-        except ValueError:
-            continue
-        grid = np.geomspace(n.min() / 1.5, n.max() * 1.5, 100)
-        ax.plot(grid, np.polyval(coeffs, np.log(grid)), "-", color=colour, alpha=0.6)
-        ax.plot(n_opt, np.polyval(coeffs, np.log(n_opt)), "*", color=colour, markersize=14, markeredgecolor="k")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters N")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("IsoFLOP curves: loss against model size at fixed compute")
-    ax.legend(fontsize=8)
-    return ax
-
-
-# ---------------------------------------------------------------------------------------------
 # The sweeps of Lab 05, per profile, and the command that makes the shipped one
 # ---------------------------------------------------------------------------------------------
 
@@ -266,35 +313,63 @@ SWEEP_VOCAB = 512
 #: Per profile: compute budgets (FLOPs), model shapes (n_layer, n_embd), the held-out budget, and the
 #: context and batch every run uses.
 SWEEPS = {
-    "gpu": {"budgets": (1e13, 3e13, 1e14, 3e14), "shapes": ((2, 64), (2, 96), (3, 128), (4, 192), (6, 256), (6, 384)),
-            "heldout_budget": 1e15, "context_length": 256, "batch_size": 32},
-    "cpu": {"budgets": (3e11, 1e12, 3e12), "shapes": ((1, 32), (2, 48), (2, 64), (3, 96), (4, 128)),
-            "heldout_budget": 1e13, "context_length": 128, "batch_size": 16},
-    "smoke": {"budgets": (3e10, 1e11), "shapes": ((1, 32), (2, 48), (2, 64)),
-              "heldout_budget": 3e11, "context_length": 64, "batch_size": 16},
+    "gpu": {
+        "budgets": (1e13, 3e13, 1e14, 3e14),
+        "shapes": ((2, 64), (2, 96), (3, 128), (4, 192), (6, 256), (6, 384)),
+        "heldout_budget": 1e15,
+        "context_length": 256,
+        "batch_size": 32,
+    },
+    "cpu": {
+        "budgets": (3e11, 1e12, 3e12),
+        "shapes": ((1, 32), (2, 48), (2, 64), (3, 96), (4, 128)),
+        "heldout_budget": 1e13,
+        "context_length": 128,
+        "batch_size": 16,
+    },
+    "smoke": {
+        "budgets": (3e10, 1e11),
+        "shapes": ((1, 32), (2, 48), (2, 64)),
+        "heldout_budget": 3e11,
+        "context_length": 64,
+        "batch_size": 16,
+    },
 }
 
 #: Shapes the held-out run may take: the one whose N is nearest the predicted N* is trained.
-CANDIDATE_SHAPES = ((1, 32), (2, 48), (2, 64), (3, 96), (4, 128), (4, 160), (4, 192), (6, 256), (6, 320), (6, 384), (8, 512))
+CANDIDATE_SHAPES = (
+    (1, 32),
+    (2, 48),
+    (2, 64),
+    (3, 96),
+    (4, 128),
+    (4, 160),
+    (4, 192),
+    (6, 256),
+    (6, 320),
+    (6, 384),
+    (8, 512),
+)
 
 
 def sweep_corpus(vocab_size: int = SWEEP_VOCAB):
     """``(tokenizer, train_tokens, val_tokens)`` for sweeps: a ``vocab_size`` tokenizer trained on the
     training stories (deterministic, about a second) and the cached token arrays."""
-    from . import data
-    from .tokenizer import train_bpe_fast
-
-    tokenizer = train_bpe_fast(data.tinystories("train"), vocab_size, name=f"sweep-bpe-{vocab_size}")
-    return tokenizer, data.token_cache(tokenizer, "train"), data.token_cache(tokenizer, "val")
+    tokenizer = train_bpe_fast(tinystories("train"), vocab_size, name=f"sweep-bpe-{vocab_size}")
+    return tokenizer, token_cache(tokenizer, "train"), token_cache(tokenizer, "val")
 
 
 def frontier(rows: list[dict[str, float]]) -> dict[float, tuple[float, float]]:
     """Approach 2 over a sweep: ``{budget: (N*, D*)}`` from each budget's IsoFLOP parabola, where it has one."""
     out = {}
     for budget in sorted({r["budget"] for r in rows if not r.get("heldout")}):
-        pts = [(r["params"], r["val_loss"], r["flops"] / r["params"] / r["tokens"]) for r in rows if r["budget"] == budget and not r.get("heldout")]
+        pts = [
+            (r["params"], r["val_loss"], r["flops"] / r["params"] / r["tokens"])
+            for r in rows
+            if r["budget"] == budget and not r.get("heldout")
+        ]
         try:
-            n_opt, _ = isoflop_minimum([p[0] for p in pts], [p[1] for p in pts])
+            n_opt, _ = isoflop_vertex([p[0] for p in pts], [p[1] for p in pts])
         except ValueError:
             continue
         flops_per_param_token = float(np.mean([p[2] for p in pts]))  # ~6, a little more with attention
@@ -305,48 +380,3 @@ def frontier(rows: list[dict[str, float]]) -> dict[float, tuple[float, float]]:
 def nearest_shape(n_params: float, vocab_size: int, shapes=CANDIDATE_SHAPES) -> tuple[int, int]:
     """The shape whose N (:func:`run_params`) is nearest ``n_params`` on a log scale."""
     return min(shapes, key=lambda s: abs(math.log(run_params(*s, vocab_size)) - math.log(n_params)))
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-    import sys
-
-    from .artefacts import write_card
-    from .data import tinystories_sha256, tokenizer_fingerprint
-    from .lab import data_dir
-
-    parser = argparse.ArgumentParser(description="Run Lab 05's IsoFLOP sweep and its held-out run; write the CSV and its card.")
-    parser.add_argument("--profile", choices=tuple(SWEEPS), default="gpu")
-    parser.add_argument("--out", type=Path, default=None, help="default: data/artefacts/scaling_sweep.csv")
-    args = parser.parse_args(argv)
-    plan = SWEEPS[args.profile]
-    out = args.out or data_dir() / "artefacts" / "scaling_sweep.csv"
-    tokenizer, train, val = sweep_corpus()
-    settings = {"context_length": plan["context_length"], "batch_size": plan["batch_size"]}
-    try:
-        rows = run_sweep(isoflop_runs(plan["budgets"], plan["shapes"]), train, val, tokenizer.n_vocab, out=out, **settings)
-        front = frontier(rows)
-        if len(front) < 2:
-            raise ValueError("fewer than two budgets have an IsoFLOP minimum; widen the shapes")
-        k, a = fit_power_law(list(front), [n for n, _ in front.values()])
-        shape = nearest_shape(k * plan["heldout_budget"] ** a, tokenizer.n_vocab)
-        held = Run(plan["heldout_budget"], shape[0], shape[1], max(1, shape[1] // 64), heldout=True)
-        rows = run_sweep(isoflop_runs(plan["budgets"], plan["shapes"]) + [held], train, val, tokenizer.n_vocab, out=out, **settings)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    fit = fit_chinchilla(*zip(*[(r["params"], r["tokens"], r["val_loss"]) for r in rows if not r["heldout"]], strict=True))
-    last = [r for r in rows if r["heldout"]][-1]
-    predicted = float(chinchilla_loss(last["params"], last["tokens"], fit))
-    metrics = {"runs": len(rows), "fit": {k: round(v, 5) for k, v in fit.items()}, "heldout_measured": round(last["val_loss"], 4),
-               "heldout_predicted": round(predicted, 4), "heldout_error": round(predicted / last["val_loss"] - 1, 4),
-               "seconds": round(sum(r["seconds"] for r in rows), 1)}
-    command = "python -m course_utils.scaling " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_card(out, command=command.strip(), data={"tinystories_train": tinystories_sha256("train"), "tokenizer": tokenizer_fingerprint(tokenizer)}, metrics=metrics)
-    print(json.dumps(metrics, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

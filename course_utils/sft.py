@@ -13,14 +13,27 @@ example never sees its padding or another example.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from .artefacts import load_model
+from .data import SeededSampler, pad_right, tinystories, tokenizer_fingerprint
+from .lab import data_dir
+from .model import GPT, generate_batched
+from .tokenizer import ENDOFTEXT, Tokenizer
+from .train import TrainConfig, Trainer
+from .world import World, load_base_model, make_world, normalise_answer
+
 USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
 CHAT_TOKENS = (USER, ASSISTANT, END)
-EOT = "<|endoftext|>"
 IGNORE = -100
 
 
@@ -31,8 +44,6 @@ class ChatFormatError(ValueError):
 def chat_tokenizer(tokenizer):
     """The tokenizer with the three chat tokens added after its special tokens (ids of every existing
     token unchanged). A tokenizer that has them already is returned as it is."""
-    from .tokenizer import Tokenizer
-
     if all(t in tokenizer.special_tokens for t in CHAT_TOKENS):
         return tokenizer
     specials = list(tokenizer.special_tokens) + [t for t in CHAT_TOKENS if t not in tokenizer.special_tokens]
@@ -43,13 +54,6 @@ def grow_vocabulary(model, n_vocab: int):
     """A copy of ``model`` whose vocabulary is ``n_vocab`` ids: existing embedding rows are kept
     exactly; new rows start at the mean of the existing ones (a neutral token, not noise). The
     output layer is tied to the embedding, so it grows with it."""
-    import copy
-    import dataclasses
-
-    import torch
-
-    from .model import GPT
-
     old = model.config.vocab_size
     if n_vocab < old:
         raise ChatFormatError(f"cannot shrink a vocabulary from {old} to {n_vocab} ids")
@@ -72,8 +76,14 @@ def _check_conversation(conversation: Sequence[dict], *, for_generation: bool) -
     if not conversation:
         raise ChatFormatError("the conversation is empty: give at least one user turn")
     for k, turn in enumerate(conversation):
-        if not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant") or not isinstance(turn.get("content"), str):
-            raise ChatFormatError(f"turn {k} is {turn!r}: each turn is {{'role': 'user' or 'assistant', 'content': str}}")
+        if (
+            not isinstance(turn, dict)
+            or turn.get("role") not in ("user", "assistant")
+            or not isinstance(turn.get("content"), str)
+        ):
+            raise ChatFormatError(
+                f"turn {k} is {turn!r}: each turn is {{'role': 'user' or 'assistant', 'content': str}}"
+            )
         expected = "user" if k % 2 == 0 else "assistant"
         if turn["role"] != expected:
             raise ChatFormatError(f"turn {k} is by the {turn['role']}; turns alternate, starting with the user")
@@ -81,21 +91,28 @@ def _check_conversation(conversation: Sequence[dict], *, for_generation: bool) -
     if for_generation and last != "user":
         raise ChatFormatError("to generate a reply, the conversation must end with a user turn")
     if not for_generation and last != "assistant":
-        raise ChatFormatError("a training conversation must end with an assistant turn: there is nothing to learn from otherwise")
+        raise ChatFormatError(
+            "a training conversation must end with an assistant turn: there is nothing to learn from otherwise"
+        )
 
 
-def render(conversation: Sequence[dict], tokenizer, *, for_generation: bool = False, max_len: int | None = None) -> tuple[list[int], list[bool]]:
+def render_conversation(
+    conversation: Sequence[dict], tokenizer, *, for_generation: bool = False, max_len: int | None = None
+) -> tuple[list[int], list[bool]]:
     """Token ids of ``conversation`` and, per id, whether it is trained on (an assistant token).
 
     With ``for_generation`` the conversation ends with a user turn and the ids end with
     ``<|assistant|>``, where the model takes over. User text is encoded as plain text, so a user who
     types ``<|end|>`` cannot forge a control token. ``max_len`` raises if the ids are longer."""
     _check_conversation(conversation, for_generation=for_generation)
-    missing = [t for t in CHAT_TOKENS + (EOT,) if t not in tokenizer.special_tokens]
+    missing = [t for t in CHAT_TOKENS + (ENDOFTEXT,) if t not in tokenizer.special_tokens]
     if missing:
-        raise ChatFormatError(f"the tokenizer lacks {missing}; use sft.chat_tokenizer(tokenizer) and grow the model with sft.grow_vocabulary")
+        raise ChatFormatError(
+            f"the tokenizer lacks {missing}; use sft.chat_tokenizer(tokenizer) and grow the model with "
+            "sft.grow_vocabulary"
+        )
     special = tokenizer.special_tokens
-    ids, trained = [special[EOT]], [False]
+    ids, trained = [special[ENDOFTEXT]], [False]
     for turn in conversation:
         content = tokenizer.encode_ordinary(turn["content"])
         if turn["role"] == "user":
@@ -106,11 +123,13 @@ def render(conversation: Sequence[dict], tokenizer, *, for_generation: bool = Fa
             ids += [*content, special[END]]
             trained += [True] * (len(content) + 1)
     if max_len is not None and len(ids) > max_len:
-        raise ChatFormatError(f"the conversation is {len(ids)} tokens, longer than the context of {max_len}; shorten it")
+        raise ChatFormatError(
+            f"the conversation is {len(ids)} tokens, longer than the context of {max_len}; shorten it"
+        )
     return ids, trained
 
 
-def labels_for(ids: Sequence[int], trained: Sequence[bool]) -> tuple[list[int], list[int]]:
+def shift_labels(ids: Sequence[int], trained: Sequence[bool]) -> tuple[list[int], list[int]]:
     """Inputs and next-token targets of one rendered conversation: ``targets[i]`` is ``ids[i + 1]``
     where that token is trained on, else :data:`IGNORE`."""
     return list(ids[:-1]), [t if keep else IGNORE for t, keep in zip(ids[1:], trained[1:], strict=True)]
@@ -119,62 +138,130 @@ def labels_for(ids: Sequence[int], trained: Sequence[bool]) -> tuple[list[int], 
 def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int):
     """Pad (inputs, targets) pairs on the right into tensors (B, L): inputs with ``pad_id``, targets
     with :data:`IGNORE`, so padding is never a target."""
-    import torch
-
-    length = max(len(x) for x, _ in examples)
-    x = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), length), IGNORE, dtype=torch.long)
-    for row, (inputs, targets) in enumerate(examples):
-        x[row, : len(inputs)] = torch.tensor(inputs)
-        y[row, : len(targets)] = torch.tensor(targets)
-    return x, y
+    return pad_right([x for x, _ in examples], pad_id), pad_right([y for _, y in examples], IGNORE)
 
 
-class ConversationSampler:
+class ConversationSampler(SeededSampler):
     """Random batches of rendered conversations for :class:`~course_utils.train.Trainer` (its
-    ``train_batches``): the same ``next`` / ``state_dict`` / ``load_state_dict`` as the pretraining
-    sampler, so SFT checkpoints resume exactly too."""
+    ``train_batches``): a seeded sampler like the pretraining one, so SFT checkpoints resume exactly too."""
 
-    def __init__(self, examples: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int, *, seed: int = 0, device="cpu",
-                 replay: Sequence[tuple[list[int], list[int]]] = (), replay_fraction: float = 0.0):
-        import torch
-
+    def __init__(
+        self,
+        examples: Sequence[tuple[list[int], list[int]]],
+        batch_size: int,
+        pad_id: int,
+        *,
+        seed: int = 0,
+        device="cpu",
+        replay: Sequence[tuple[list[int], list[int]]] = (),
+        replay_fraction: float = 0.0,
+    ):
+        super().__init__(seed, device)
         if not examples:
             raise ChatFormatError("no SFT examples to train on")
         if not 0.0 <= replay_fraction < 1.0 or (replay_fraction > 0 and not replay):
-            raise ChatFormatError(f"replay_fraction={replay_fraction}: use a share in [0, 1), with replay examples when it is above 0")
+            raise ChatFormatError(
+                f"replay_fraction={replay_fraction}: use a share in [0, 1), with replay examples when it is above 0"
+            )
         self.examples, self.batch_size, self.pad_id = list(examples), batch_size, pad_id
         self.replay, self.n_replay = list(replay), round(replay_fraction * batch_size)
-        self.device = torch.device(device)
-        self.generator = torch.Generator().manual_seed(seed)
 
     def next(self):
-        import torch
-
         picks = torch.randint(len(self.examples), (self.batch_size - self.n_replay,), generator=self.generator).tolist()
         rows = [self.examples[k] for k in picks]
         if self.n_replay:
-            rows += [self.replay[k] for k in torch.randint(len(self.replay), (self.n_replay,), generator=self.generator).tolist()]
+            rows += [
+                self.replay[k]
+                for k in torch.randint(len(self.replay), (self.n_replay,), generator=self.generator).tolist()
+            ]
         x, y = collate(rows, self.pad_id)
         return x.to(self.device), y.to(self.device)
 
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+@dataclass
+class Reply:
+    """One generated assistant turn: the ``prompt`` ids, the ``reply`` ids (ending with ``<|end|>``
+    when the model closed its turn), its ``text`` and whether it ``stopped`` by itself."""
+
+    prompt: list[int]
+    reply: list[int]
+    text: str
+    stopped: bool
 
 
-def reply(model, tokenizer, conversation: Sequence[dict], *, max_new_tokens: int = 48, temperature: float = 0.0, generator=None) -> str:
+def sample_replies(
+    model,
+    tokenizer,
+    conversations: Sequence[Sequence[dict]],
+    *,
+    n: int = 1,
+    max_new_tokens: int = 48,
+    temperature: float = 0.0,
+    generator=None,
+    batch_size: int | None = None,
+) -> list[Reply]:
+    """``n`` replies to each conversation (ending with a user turn), in order (conversation 0's ``n``
+    first): greedy at ``temperature`` 0, else sampled. Prompts of one length share a batch (at most
+    ``batch_size`` rows) and a KV cache."""
+    end = tokenizer.special_tokens.get(END)
+    context = model.config.context_length
+    prompts = [render_conversation(c, tokenizer, for_generation=True, max_len=context - 1)[0] for c in conversations]
+    if prompts and max(max(p) for p in prompts) >= model.config.vocab_size:
+        raise ChatFormatError(
+            f"the model has {model.config.vocab_size} ids but the chat tokens need {tokenizer.n_vocab}; "
+            "load an SFT checkpoint or grow the model with sft.grow_vocabulary"
+        )
+    rows = [prompts[k] for k in range(len(prompts)) for _ in range(n)]
+    out = generate_batched(
+        model, rows, max_new_tokens, stop_id=end, batch_size=batch_size, temperature=temperature, generator=generator
+    )
+    replies = []
+    for prompt, ids in zip(rows, out, strict=True):
+        stopped = bool(ids) and ids[-1] == end
+        text = tokenizer.decode([t for t in (ids[:-1] if stopped else ids) if t < len(tokenizer.vocab)])
+        replies.append(Reply(prompt, ids, text, stopped))
+    return replies
+
+
+def reply(
+    model,
+    tokenizer,
+    conversation: Sequence[dict],
+    *,
+    max_new_tokens: int = 48,
+    temperature: float = 0.0,
+    generator=None,
+) -> str:
     """The model's next assistant turn for ``conversation`` (ending with a user turn), as text,
     stopped at ``<|end|>`` (greedy by default)."""
-    return replies(model, tokenizer, [conversation], max_new_tokens=max_new_tokens, temperature=temperature, generator=generator)[0]
+    return replies(
+        model, tokenizer, [conversation], max_new_tokens=max_new_tokens, temperature=temperature, generator=generator
+    )[0]
 
 
-def replies(model, tokenizer, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int = 48, temperature: float = 0.0,
-            generator=None, batch_size: int = 64) -> list[str]:
+def replies(
+    model,
+    tokenizer,
+    conversations: Sequence[Sequence[dict]],
+    *,
+    max_new_tokens: int = 48,
+    temperature: float = 0.0,
+    generator=None,
+    batch_size: int = 64,
+) -> list[str]:
     """:func:`reply` for many conversations; prompts of equal length share a batch (no padding)."""
-    return [text for text, _ in _replies(model, tokenizer, conversations, max_new_tokens, temperature, generator, batch_size)]
+    return [
+        r.text
+        for r in sample_replies(
+            model,
+            tokenizer,
+            conversations,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            generator=generator,
+            batch_size=batch_size,
+        )
+    ]
 
 
 def format_compliance(model, tokenizer, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int = 48) -> float:
@@ -182,37 +269,18 @@ def format_compliance(model, tokenizer, conversations: Sequence[Sequence[dict]],
     (a model that does not know the format runs on until it is cut off)."""
     if not conversations:
         raise ValueError("no conversations to reply to")
-    done = [stopped for _, stopped in _replies(model, tokenizer, conversations, max_new_tokens, 0.0, None, 64)]
+    done = [
+        r.stopped for r in sample_replies(model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=64)
+    ]
     return sum(done) / len(done)
 
 
-def _replies(model, tokenizer, conversations, max_new_tokens, temperature, generator, batch_size) -> list[tuple[str, bool]]:
-    """(reply text, whether it ended with ``<|end|>``) per conversation."""
-    import torch
-
-    from .model import generate
-
-    end = tokenizer.special_tokens.get(END)
-    context = model.config.context_length
-    prompts = [render(c, tokenizer, for_generation=True, max_len=context - 1)[0] for c in conversations]
-    if max(max(p) for p in prompts) >= model.config.vocab_size:
-        raise ChatFormatError(f"the model has {model.config.vocab_size} ids but the chat tokens need {tokenizer.n_vocab}; "
-                              "load an SFT checkpoint or grow the model with sft.grow_vocabulary")
-    device = next(model.parameters()).device
-    out: list[tuple[str, bool]] = [("", False)] * len(prompts)
-    groups: dict[int, list[int]] = {}
-    for k, p in enumerate(prompts):
-        groups.setdefault(len(p), []).append(k)
-    for length, members in sorted(groups.items()):
-        for i in range(0, len(members), batch_size):
-            chunk = members[i : i + batch_size]
-            idx = torch.tensor([prompts[k] for k in chunk], device=device)
-            ids = generate(model, idx, min(max_new_tokens, context - length), temperature=temperature, generator=generator, eos_id=end)
-            for k, row in zip(chunk, ids[:, length:].tolist(), strict=True):
-                stopped = end in row
-                row = row[: row.index(end)] if stopped else row
-                out[k] = (tokenizer.decode([t for t in row if t < len(tokenizer.vocab)]), stopped)
-    return out
+def rag_prompt(question: str, documents: Sequence[str]) -> str:
+    """The user turn of reading comprehension: the documents, then the question. Lab 06's SFT data
+    practises it, and Lab 08 fills it with retrieved documents (retrieval-augmented generation)."""
+    if not question.strip():
+        raise ChatFormatError("the question is empty")
+    return "Read this text and answer the question.\n" + "\n".join(documents) + f"\nQuestion: {question}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +311,13 @@ def qa_items(world, split: str) -> list[Item]:
     items = []
     for q in world.closed_book(split, tuple(ANSWER_TEMPLATES)):
         answer = ANSWER_TEMPLATES[q["attribute"]].format(name=q["name"], value=q["answer"])
-        items.append(Item([{"role": "user", "content": q["question"]}, {"role": "assistant", "content": answer}], "qa", q["answer"]))
+        items.append(
+            Item(
+                [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": answer}],
+                "qa",
+                q["answer"],
+            )
+        )
     return items
 
 
@@ -252,8 +326,6 @@ def reading_items(world, split: str, seed: int = 0, max_documents: int = 1) -> l
     ``max_documents`` > 1, each prompt holds 1 to ``max_documents`` biographies of different people
     of the same split in random order, only one of them about the person asked about (the distractors
     that retrieval brings); the answer is unchanged."""
-    from .retrieval import rag_prompt
-
     if max_documents < 1:
         raise ValueError(f"max_documents={max_documents}: use at least 1")
     rng = random.Random(f"{seed}:distractors")
@@ -268,22 +340,33 @@ def reading_items(world, split: str, seed: int = 0, max_documents: int = 1) -> l
         documents += [rng.choice(p.biographies) for p in others]
         rng.shuffle(documents)
         answer = ANSWER_TEMPLATES[q["attribute"]].format(name=q["name"], value=q["answer"])
-        items.append(Item([{"role": "user", "content": rag_prompt(q["question"], documents)}, {"role": "assistant", "content": answer}], "reading", q["answer"]))
+        items.append(
+            Item(
+                [
+                    {"role": "user", "content": rag_prompt(q["question"], documents)},
+                    {"role": "assistant", "content": answer},
+                ],
+                "reading",
+                q["answer"],
+            )
+        )
     return items
 
 
 def story_items(stories: Sequence[str], n: int, seed: int = 0, max_chars: int = 600) -> list[Item]:
-    """"Write a short story that uses the words …" with three words of a story, answered by that story
+    """ "Write a short story that uses the words …" with three words of a story, answered by that story
     (stories longer than ``max_chars`` are skipped, to fit the context)."""
     rng = random.Random(seed)
     short = [s for s in stories if len(s) <= max_chars]
     items = []
     for story in rng.sample(short, min(n, len(short))):
-        words = sorted({w.strip(".,!?\"'").lower() for w in story.split() if len(w.strip(".,!?\"'")) >= 5 and w.isalpha()})
+        words = sorted(
+            {w.strip(".,!?\"'").lower() for w in story.split() if len(w.strip(".,!?\"'")) >= 5 and w.isalpha()}
+        )
         if len(words) < 3:
             continue
         chosen = rng.sample(words, 3)
-        prompt = f"Write a short story that uses the words \"{chosen[0]}\", \"{chosen[1]}\" and \"{chosen[2]}\"."
+        prompt = f'Write a short story that uses the words "{chosen[0]}", "{chosen[1]}" and "{chosen[2]}".'
         items.append(Item([{"role": "user", "content": prompt}, {"role": "assistant", "content": story}], "story"))
     return items
 
@@ -294,7 +377,10 @@ def worked_answer(problem: dict, world) -> str:
     if problem["kind"] == "age":
         (p,) = people
         year = int(problem["question"].rsplit(", ", 1)[1].rstrip("?"))
-        steps = f"{p.name} was born in {p.birth_year}. By the end of {year}, {p.name} was {year} - {p.birth_year} = {year - p.birth_year} years old."
+        steps = (
+            f"{p.name} was born in {p.birth_year}. By the end of {year}, {p.name} was "
+            f"{year} - {p.birth_year} = {year - p.birth_year} years old."
+        )
     else:
         a, b = sorted(people, key=lambda q: q.birth_year)
         steps = f"{a.name} was born in {a.birth_year} and {b.name} in {b.birth_year}. "
@@ -314,40 +400,50 @@ def problem_conversation(problem: dict) -> list[dict]:
 
 def reasoning_items(world, split: str, n: int, seed: int = 0) -> list[Item]:
     """Reasoning problems with their facts in the prompt and a worked answer (the format Lab 09 rewards)."""
-    return [Item(problem_conversation(problem) + [{"role": "assistant", "content": worked_answer(problem, world)}], "reasoning", problem["answer"])
-            for problem in world.reasoning_problems(split, n, seed)]
+    return [
+        Item(
+            problem_conversation(problem) + [{"role": "assistant", "content": worked_answer(problem, world)}],
+            "reasoning",
+            problem["answer"],
+        )
+        for problem in world.reasoning_problems(split, n, seed)
+    ]
 
 
 def practice_world(world, n: int = 400, seed: int = 1):
     """Other people, for reading-comprehension practice: the model cannot know their facts, so it can
     only answer by reading the biography in the prompt (items about people it already knows would
     teach it to ignore the text). Anyone whose name is also in ``world`` is left out."""
-    from .world import World, make_world
-
     taken = {p.name for p in world.people}
     other = make_world(seed, n_sft=n, n_heldout=0, n_retrieval=0)
     return World(seed=other.seed, people=[p for p in other.people if p.name not in taken])
 
 
-def sft_items(world, *, n_stories: int = 400, n_reasoning: int = 300, n_practice: int = 1200, max_documents: int = 1, seed: int = 0) -> list[Item]:
+def sft_items(
+    world,
+    *,
+    n_stories: int = 400,
+    n_reasoning: int = 300,
+    n_practice: int = 1200,
+    max_documents: int = 1,
+    seed: int = 0,
+) -> list[Item]:
     """The reference SFT mixture: closed-book questions about the ``sft`` people only (the ``heldout``
     people never appear, so they test generalisation), reading comprehension about
     :func:`practice_world` people, story instructions from the training stories, and worked reasoning
     problems about the ``sft`` people. ``max_documents`` > 1 puts distractor biographies into the
     reading items (see :func:`reading_items`)."""
-    from . import data
-
-    return (qa_items(world, "sft") + reading_items(practice_world(world, n_practice), "sft", seed, max_documents)
-            + story_items(data.tinystories("train"), n_stories, seed) + reasoning_items(world, "sft", n_reasoning, seed))
+    return (
+        qa_items(world, "sft")
+        + reading_items(practice_world(world, n_practice), "sft", seed, max_documents)
+        + story_items(tinystories("train"), n_stories, seed)
+        + reasoning_items(world, "sft", n_reasoning, seed)
+    )
 
 
 def instruction_data(data=None) -> list[dict]:
     """The shipped real instruction set (``data/instructions/instruction-data.json``): 1,100
     ``{instruction, input, output}`` records in the Alpaca style."""
-    import json
-
-    from .lab import data_dir
-
     path = (data or data_dir()) / "instructions" / "instruction-data.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the course data folder is incomplete (see data/README.md)")
@@ -364,7 +460,7 @@ def instruction_conversation(record: dict) -> list[dict]:
 def replay_examples(tokenizer, documents: Sequence[str], max_len: int) -> list[tuple[list[int], list[int]]]:
     """Pretraining text to mix into fine-tuning batches, every token trained on (as in pretraining):
     each document after ``<|endoftext|>``, cut to ``max_len`` inputs."""
-    eot = tokenizer.special_tokens[EOT]
+    eot = tokenizer.special_tokens[ENDOFTEXT]
     out = []
     for doc in documents:
         ids = [eot, *tokenizer.encode_ordinary(doc)][: max_len + 1]
@@ -375,15 +471,11 @@ def replay_examples(tokenizer, documents: Sequence[str], max_len: int) -> list[t
 def replay_documents(world, n_stories: int = 3000) -> list[str]:
     """What the reference recipe replays: every pretraining biography and the first ``n_stories``
     training stories (all of them seen in pretraining already)."""
-    from . import data
-
-    return world.pretraining_documents() + data.tinystories("train")[:n_stories]
+    return world.pretraining_documents() + tinystories("train")[:n_stories]
 
 
 def exact_match(response: str, item: Item) -> bool:
     """The reply equals the reference assistant turn, up to case, punctuation, articles and spacing."""
-    from .world import normalise_answer
-
     return normalise_answer(response) == normalise_answer(item.conversation[-1]["content"])
 
 
@@ -406,39 +498,53 @@ def evaluation_sets(world, n: int = 300, seed: int = 0) -> dict[str, list[Item]]
     """Fixed random subsets (``n`` each) that the card and the labs measure on: closed-book questions
     about the ``sft`` people (seen in fine-tuning) and the ``heldout`` people (only ever in pretraining),
     and reading comprehension about the ``retrieval`` people (never seen at all)."""
-    sets = {"qa_sft": qa_items(world, "sft"), "qa_heldout": qa_items(world, "heldout"), "reading_unseen": reading_items(world, "retrieval", seed)}
+    sets = {
+        "qa_sft": qa_items(world, "sft"),
+        "qa_heldout": qa_items(world, "heldout"),
+        "reading_unseen": reading_items(world, "retrieval", seed),
+    }
     return {k: random.Random(f"{seed}:{k}").sample(v, min(n, len(v))) for k, v in sets.items()}
 
 
 def load_sft_model(device: str = "cpu", data=None):
     """The reference SFT model and its chat tokenizer from ``data/artefacts``: ``(model, tokenizer)``."""
-    from .artefacts import load_model
-    from .data import tokenizer_fingerprint
-    from .lab import data_dir
-    from .world import load_base_model
-
     _, base_tokenizer = load_base_model(device, data)
     tokenizer = chat_tokenizer(base_tokenizer)
-    return load_model((data or data_dir()) / "artefacts" / SFT_MODEL, tokenizer_id=tokenizer_fingerprint(tokenizer), device=device), tokenizer
+    return load_model(
+        (data or data_dir()) / "artefacts" / SFT_MODEL, tokenizer_id=tokenizer_fingerprint(tokenizer), device=device
+    ), tokenizer
 
 
 def _check_recipe(out_dir, recipe: dict) -> None:
     """Record what a run in ``out_dir`` trains on; refuse to resume a run made with other data or settings."""
-    import hashlib
-    import json
-
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
     path = out_dir / "recipe.sha256"
     if path.exists() and path.read_text().strip() != digest:
-        raise ChatFormatError(f"{out_dir} holds a fine-tuning run with other data or settings; "
-                              "delete that folder to start again, or give another out_dir")
+        raise ChatFormatError(
+            f"{out_dir} holds a fine-tuning run with other data or settings; "
+            "delete that folder to start again, or give another out_dir"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(digest + "\n")
 
 
-def finetune(base, tokenizer, items: Sequence[Item], out_dir, *, steps: int = 600, batch_size: int = 32, lr: float = 5e-4,
-             mask_prompt: bool = True, replay: Sequence[str] = (), replay_fraction: float = 0.0, replay_len: int = 200,
-             device: str = "auto", seed: int = 1337, checkpoint_every: int = 100):
+def finetune(
+    base,
+    tokenizer,
+    items: Sequence[Item],
+    out_dir,
+    *,
+    steps: int = 600,
+    batch_size: int = 32,
+    lr: float = 5e-4,
+    mask_prompt: bool = True,
+    replay: Sequence[str] = (),
+    replay_fraction: float = 0.0,
+    replay_len: int = 200,
+    device: str = "auto",
+    seed: int = 1337,
+    checkpoint_every: int = 100,
+):
     """A :class:`~course_utils.train.Trainer` set up to fine-tune ``base`` (grown to the chat
     vocabulary) on ``items``, resumed from ``out_dir`` when a checkpoint is there; call ``fit()``.
 
@@ -446,89 +552,53 @@ def finetune(base, tokenizer, items: Sequence[Item], out_dir, *, steps: int = 60
     decay, batches of whole conversations. ``mask_prompt=False`` trains on every token (the ablation).
     With ``replay`` documents, ``replay_fraction`` of every batch is pretraining text (first
     ``replay_len`` tokens of a document), which keeps the model from forgetting what it knew."""
-    from .data import tokenizer_fingerprint
-    from .train import TrainConfig, Trainer
-
     context = base.config.context_length
     examples = []
     for item in items:
-        ids, trained = render(item.conversation, tokenizer, max_len=context + 1)
-        examples.append(labels_for(ids, trained if mask_prompt else [True] * len(ids)))
-    cfg = TrainConfig(out_dir=str(out_dir), n_layer=base.config.n_layer, n_head=base.config.n_head, n_embd=base.config.n_embd,
-                      context_length=context, batch_size=batch_size, max_steps=steps, warmup_steps=max(1, steps // 20), lr=lr,
-                      weight_decay=0.0, eval_every=0, checkpoint_every=checkpoint_every, seed=seed, device=device)
-    sampler = ConversationSampler(examples, batch_size, tokenizer.special_tokens[EOT], seed=seed,
-                                  replay=replay_examples(tokenizer, replay, min(replay_len, context)) if replay_fraction else (), replay_fraction=replay_fraction)
-    trainer = Trainer(cfg, None, None, tokenizer.n_vocab, tokenizer_id=tokenizer_fingerprint(tokenizer), train_batches=sampler)
+        ids, trained = render_conversation(item.conversation, tokenizer, max_len=context + 1)
+        examples.append(shift_labels(ids, trained if mask_prompt else [True] * len(ids)))
+    cfg = TrainConfig(
+        model=dataclasses.replace(base.config, vocab_size=tokenizer.n_vocab),
+        out_dir=str(out_dir),
+        batch_size=batch_size,
+        max_steps=steps,
+        warmup_steps=max(1, steps // 20),
+        lr=lr,
+        weight_decay=0.0,
+        eval_every=0,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+        device=device,
+    )
+    sampler = ConversationSampler(
+        examples,
+        batch_size,
+        tokenizer.special_tokens[ENDOFTEXT],
+        seed=seed,
+        replay=replay_examples(tokenizer, replay, min(replay_len, context)) if replay_fraction else (),
+        replay_fraction=replay_fraction,
+    )
+    trainer = Trainer(cfg, None, None, tokenizer_id=tokenizer_fingerprint(tokenizer), train_batches=sampler)
     sampler.device = trainer.device
-    _check_recipe(Path(out_dir), {"examples": examples, "replay": sampler.replay, "n_replay": sampler.n_replay,
-                                  "config": {k: v for k, v in vars(cfg).items() if k not in ("device", "out_dir", "checkpoint_every", "compile")}})
+    _check_recipe(
+        Path(out_dir),
+        {
+            "examples": examples,
+            "replay": sampler.replay,
+            "n_replay": sampler.n_replay,
+            "config": {
+                k: v
+                for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("device", "out_dir", "checkpoint_every", "compile")
+            },
+        },
+    )
     # batches are padded conversations, not full windows: count the tokens a step really holds, on average
     mean = lambda rows: sum(len(x) for x, _ in rows) / len(rows)  # noqa: E731
-    trainer.tokens_per_step = round((batch_size - sampler.n_replay) * mean(examples) + (sampler.n_replay * mean(sampler.replay) if sampler.n_replay else 0))
+    trainer.tokens_per_step = round(
+        (batch_size - sampler.n_replay) * mean(examples)
+        + (sampler.n_replay * mean(sampler.replay) if sampler.n_replay else 0)
+    )
     trainer.model.load_state_dict(grow_vocabulary(base, tokenizer.n_vocab).state_dict())
     trainer.resume()
     return trainer
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-    import sys
-    import time
-    from pathlib import Path
-
-    from .artefacts import file_sha256, load_model, save_model, write_card
-    from .data import tokenizer_fingerprint
-    from .lab import data_dir
-    from .train import TrainingError
-    from .world import load_base_model, make_world
-
-    parser = argparse.ArgumentParser(description="Fine-tune the reference base model on the SFT mixture; write the SFT artefact and its card.")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--replay", type=float, default=0.25, help="share of each batch that is pretraining text")
-    parser.add_argument("--out-dir", type=Path, default=Path("runs/sft"), help="checkpoints (a run resumes from here)")
-    parser.add_argument("--out", type=Path, default=None, help="default: data/artefacts/sft_model.pt")
-    parser.add_argument("--reading-documents", type=int, default=1,
-                        help="up to this many biographies per reading item, one relevant (distractors for RAG; needs the context to hold them)")
-    args = parser.parse_args(argv)
-    world = make_world(0)
-    base, base_tokenizer = load_base_model()
-    tokenizer = chat_tokenizer(base_tokenizer)
-    items = sft_items(world, max_documents=args.reading_documents)
-    tokenizer_id = tokenizer_fingerprint(tokenizer)
-    try:
-        trainer = finetune(base, tokenizer, items, args.out_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                           replay=replay_documents(world), replay_fraction=args.replay)
-        start = time.perf_counter()
-        trainer.fit()
-        seconds = time.perf_counter() - start
-    except (TrainingError, ChatFormatError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    out = args.out or data_dir() / "artefacts" / SFT_MODEL
-    size = save_model(trainer.model, out, tokenizer_id=tokenizer_id)
-    model = load_model(out, verify=False)  # measure what ships
-    grown_base = grow_vocabulary(base, tokenizer.n_vocab)
-    metrics: dict = {"parameters": model.num_parameters(), "file_bytes": size, "model_sha256": file_sha256(out), "steps": args.steps,
-                     "train_seconds_this_run": round(seconds, 1), "sft_examples": {k: sum(i.kind == k for i in items) for k in ("qa", "reading", "story", "reasoning")},
-                     "replay_fraction": args.replay, "replay_documents": len(replay_documents(world))}
-    for name, subset in evaluation_sets(world).items():
-        metrics[f"exact_match_{name}"] = round(evaluate_items(model, tokenizer, subset), 4)
-        metrics[f"base_exact_match_{name}"] = round(evaluate_items(grown_base, tokenizer, subset), 4)
-    heldout = [i.conversation[:-1] for i in evaluation_sets(world)["qa_heldout"]]
-    metrics["format_compliance_qa_heldout"] = round(format_compliance(model, tokenizer, heldout), 4)
-    metrics["base_format_compliance_qa_heldout"] = round(format_compliance(grown_base, tokenizer, heldout), 4)
-    prompts = ["Where was " + world.split("heldout")[0].name + " born?", "Write a short story that uses the words \"happy\", \"garden\" and \"ball\"."]
-    metrics["samples"] = {p: reply(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens=150) for p in prompts}
-    command = "python -m course_utils.sft " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_card(out, command=command.strip(), data={"world_pretraining": world.pretraining_sha256(), "base_model": file_sha256(data_dir() / "artefacts" / "base_model.pt"),
-                                                    "tokenizer": tokenizer_id}, metrics=metrics)
-    print(json.dumps(metrics, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -12,23 +12,24 @@ Lab 01 builds these ideas from scratch; this module is the finished version late
 
 Sennrich et al. 2016 (BPE for NMT); Radford et al. 2019 (byte-level BPE, GPT-2).
 
-Command line (writes the tokenizer and its card)::
-
-    python -m course_utils.tokenizer --vocab-size 4096 --out data/artefacts/tokenizer.json
+The shipped tokenizers are made by ``python -m course_utils.recipes tokenizer`` (and ``base-tokenizer``).
 """
 
 from __future__ import annotations
 
-import argparse
+import html
 import json
-import sys
-import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import regex
+import rustbpe
+import tiktoken
+from tqdm.auto import tqdm
+
+from .lab import data_dir, runs_dir
 
 #: GPT-4's pre-splitting pattern (tiktoken ``cl100k_base``; also ``rustbpe``'s default): contractions,
 #: letters with one leading non-letter, numbers of up to 3 digits, punctuation runs, whitespace.
@@ -167,7 +168,8 @@ class Tokenizer:
         return len(self.vocab) + len(self.special_tokens)
 
     def __repr__(self) -> str:
-        return f"Tokenizer(name={self.name!r}, n_vocab={self.n_vocab}, merges={len(self.merges)}, special={list(self.special_tokens)})"
+        specials = list(self.special_tokens)
+        return f"Tokenizer(name={self.name!r}, n_vocab={self.n_vocab}, merges={len(self.merges)}, special={specials})"
 
     # -- encoding ------------------------------------------------------------------------------
     def _encode_chunk(self, chunk: bytes) -> list[int]:
@@ -200,11 +202,7 @@ class Tokenizer:
         return ids
 
     def encode(
-        self,
-        text: str,
-        *,
-        allowed_special: str | Iterable[str] = (),
-        disallowed_special: str | Iterable[str] = "all",
+        self, text: str, *, allowed_special: str | Iterable[str] = (), disallowed_special: str | Iterable[str] = "all"
     ) -> list[int]:
         """Encode ``text`` with tiktoken's rules for special tokens.
 
@@ -217,7 +215,10 @@ class Tokenizer:
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
         unknown = allowed - set(self.special_tokens)
         if unknown:
-            raise TokenizerError(f"allowed_special names {sorted(unknown)}, which this tokenizer does not have; it has {sorted(self.special_tokens)}")
+            raise TokenizerError(
+                f"allowed_special names {sorted(unknown)}, which this tokenizer does not have; it has "
+                f"{sorted(self.special_tokens)}"
+            )
         disallowed = set(self.special_tokens) - allowed if disallowed_special == "all" else set(disallowed_special)
         if disallowed:
             found = _special_regex(disallowed).search(text)
@@ -264,8 +265,6 @@ class Tokenizer:
     # -- tiktoken --------------------------------------------------------------------------------
     def to_tiktoken(self):
         """The same tokenizer as a ``tiktoken.Encoding`` (Rust, tens of times faster)."""
-        import tiktoken
-
         return tiktoken.Encoding(
             name=self.name,
             pat_str=self.pattern if self.pattern is not None else WHOLE_TEXT_PATTERN,
@@ -296,12 +295,14 @@ class Tokenizer:
     @classmethod
     def from_dict(cls, data: Any, source: str = "tokenizer data") -> Tokenizer:
         if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
-            raise TokenizerError(f"{source} is not a course tokenizer file (no \"format\": \"{FILE_FORMAT}\")")
+            raise TokenizerError(f'{source} is not a course tokenizer file (no "format": "{FILE_FORMAT}")')
         version = data.get("version")
         if version != FILE_VERSION:
             newer = isinstance(version, int) and version > FILE_VERSION
             hint = "upgrade course_utils" if newer else "re-create it with this version's Tokenizer.save"
-            raise TokenizerError(f"{source} has format version {version!r}, this course_utils reads version {FILE_VERSION}: {hint}")
+            raise TokenizerError(
+                f"{source} has format version {version!r}, this course_utils reads version {FILE_VERSION}: {hint}"
+            )
         try:
             merges = [(int(a), int(b)) for a, b in data["merges"]]
             specials = [str(t) for t in data.get("special_tokens", [])]
@@ -309,18 +310,24 @@ class Tokenizer:
             if pattern is not None:
                 regex.compile(pattern)
         except (KeyError, TypeError, ValueError, regex.error) as e:
-            raise TokenizerError(f"{source} is damaged ({type(e).__name__}: {e}); re-create it or restore it with git checkout") from e
+            raise TokenizerError(
+                f"{source} is damaged ({type(e).__name__}: {e}); re-create it or restore it with git checkout"
+            ) from e
         return cls(merges, pattern=pattern, special_tokens=specials, name=str(data.get("name", "course-bpe")))
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
         if not path.exists():
-            raise TokenizerError(f"no tokenizer at {path}; train one (Lab 01) or use the shipped data/artefacts/tokenizer.json")
+            raise TokenizerError(
+                f"no tokenizer at {path}; train one (Lab 01) or use the shipped data/artefacts/tokenizer.json"
+            )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TokenizerError(f"{path} is not valid JSON ({e}); it is damaged: re-create it or restore it with git checkout") from e
+            raise TokenizerError(
+                f"{path} is not valid JSON ({e}); it is damaged: re-create it or restore it with git checkout"
+            ) from e
         return cls.from_dict(data, source=str(path))
 
 
@@ -332,7 +339,10 @@ class Tokenizer:
 def _merge_budget(vocab_size: int, special_tokens: Sequence[str]) -> int:
     n_merges = vocab_size - 256 - len(special_tokens)
     if n_merges < 0:
-        raise TokenizerError(f"vocab_size={vocab_size} is too small: 256 byte tokens and {len(special_tokens)} special tokens need at least {256 + len(special_tokens)}")
+        raise TokenizerError(
+            f"vocab_size={vocab_size} is too small: 256 byte tokens and {len(special_tokens)} special tokens need at "
+            f"least {256 + len(special_tokens)}"
+        )
     return n_merges
 
 
@@ -361,8 +371,6 @@ def train_bpe(
     merges: list[Pair] = []
     steps = range(n_merges)
     if progress:
-        from tqdm.auto import tqdm
-
         steps = tqdm(steps, desc="reference BPE", unit="merge")
     for step in steps:
         counts: Counter[Pair] = Counter()
@@ -414,8 +422,6 @@ def train_bpe_fast(
     name: str = "course-bpe",
 ) -> Tokenizer:
     """Same result as :func:`train_bpe`, trained by ``rustbpe`` in Rust on all cores."""
-    import rustbpe
-
     special_tokens = list(special_tokens)
     n_merges = _merge_budget(vocab_size, special_tokens)
     special = _special_regex(special_tokens)
@@ -432,7 +438,9 @@ def train_bpe_fast(
                     yield piece
 
     trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(pieces(), 256 + n_merges, pattern=pattern if pattern is not None else WHOLE_TEXT_PATTERN)
+    trainer.train_from_iterator(
+        pieces(), 256 + n_merges, pattern=pattern if pattern is not None else WHOLE_TEXT_PATTERN
+    )
     if n_pieces == 0:
         raise TokenizerError("the training corpus is empty: give train_bpe_fast some text")
     vocab = [token for token, _ in sorted(trainer.get_mergeable_ranks(), key=lambda item: item[1])]
@@ -460,64 +468,18 @@ COURSE_VOCAB_SIZE = 4096
 
 def load_course_tokenizer(runs: Path | None = None, data: Path | None = None, *, quiet: bool = False) -> Tokenizer:
     """The student's own tokenizer (``runs/tokenizer.json``) when present, else the shipped one."""
-    from . import lab
-
-    data = data or lab.data_dir()
-    runs = runs or data.parent / "runs"
-    for path, who in ((runs / "tokenizer.json", "your own"), (data / "artefacts" / "tokenizer.json", "the shipped reference")):
+    data = data or data_dir()
+    runs = runs or runs_dir(data)
+    for path, who in (
+        (runs / "tokenizer.json", "your own"),
+        (data / "artefacts" / "tokenizer.json", "the shipped reference"),
+    ):
         if path.exists():
             tok = Tokenizer.load(path)
             if not quiet:
                 print(f"using {who} tokenizer: {path} ({tok.n_vocab} ids)")
             return tok
     raise TokenizerError(f"no tokenizer found in {runs} or {data / 'artefacts'}; run Lab 01 or restore data/artefacts")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from . import data as corpora
-    from .artefacts import write_card
-
-    parser = argparse.ArgumentParser(description="Train the course tokenizer on the TinyStories subset (rustbpe).")
-    parser.add_argument("--vocab-size", type=int, default=COURSE_VOCAB_SIZE)
-    parser.add_argument("--world-seed", type=int, default=None,
-                        help="also train on the pretraining biographies of the fictional world with this seed (the base model's tokenizer)")
-    parser.add_argument("--out", type=Path, default=None, help="default: data/artefacts/tokenizer.json, or base_tokenizer.json with --world-seed")
-    args = parser.parse_args(argv)
-    default = "tokenizer.json" if args.world_seed is None else "base_tokenizer.json"
-    out = args.out or corpora.data_root() / "artefacts" / default
-    train = corpora.tinystories("train")
-    val = corpora.tinystories("val")
-    hashes = {"tinystories_train": corpora.tinystories_sha256("train")}
-    extra: list[str] = []
-    if args.world_seed is not None:
-        from .world import make_world
-
-        world = make_world(args.world_seed)
-        extra = world.pretraining_documents()
-        hashes["world_pretraining"] = world.pretraining_sha256()
-    start = time.perf_counter()
-    name = f"course-bpe-{args.vocab_size}" + ("" if args.world_seed is None else f"-world{args.world_seed}")
-    tok = train_bpe_fast(train + extra, args.vocab_size, name=name)
-    seconds = time.perf_counter() - start
-    tok.save(out)
-    metrics = {
-        "n_vocab": tok.n_vocab,
-        "bytes_per_token_val": round(bytes_per_token(tok, val), 4),
-        "bytes_per_token_train": round(bytes_per_token(tok, train), 4),
-        "train_seconds": round(seconds, 2),
-    }
-    if args.world_seed is not None:
-        retrieval = [bio for p in world.split("retrieval") for bio in p.biographies]
-        metrics["bytes_per_token_world_pretraining"] = round(bytes_per_token(tok, extra), 4)
-        metrics["bytes_per_token_world_retrieval"] = round(bytes_per_token(tok, retrieval), 4)
-    command = "python -m course_utils.tokenizer " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_card(out, command=command.strip(), data=hashes, metrics=metrics)
-    print(f"wrote {out}: {metrics}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,18 +503,22 @@ def token_pieces(encoding: Any, ids: Sequence[int]) -> list[str]:
 
 def show_tokens(encoding: Any, text: str, **encode_kwargs: Any):
     """Display ``text`` with each token on its own coloured background (HTML in a notebook)."""
-    import html
-
     ids = encoding.encode(text, **encode_kwargs)
     colours = ["#fde2a7", "#b8e0d2", "#d6c8f0", "#f7c6c7", "#c9e4f6"]
     spans = "".join(
-        f'<span title="id {i}" style="background:{colours[k % len(colours)]};padding:1px 0;white-space:pre">{html.escape(p)}</span>'
+        f'<span title="id {i}" style="background:{colours[k % len(colours)]};padding:1px 0;white-space:pre">'
+        f"{html.escape(p)}</span>"
         for k, (i, p) in enumerate(zip(ids, token_pieces(encoding, ids), strict=False))
     )
     try:
-        from IPython.display import HTML, display
+        from IPython.display import HTML, display  # optional: only in a notebook
 
-        display(HTML(f'<div style="font-family:monospace;line-height:1.9">{spans}</div><small>{len(ids)} tokens: {ids}</small>'))
+        display(
+            HTML(
+                f'<div style="font-family:monospace;line-height:1.9">{spans}</div>'
+                f"<small>{len(ids)} tokens: {ids}</small>"
+            )
+        )
     except ImportError:
         print("|".join(token_pieces(encoding, ids)), f"({len(ids)} tokens)")
     return ids

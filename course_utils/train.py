@@ -7,8 +7,8 @@ checkpoints that resume exactly (model, optimiser, scaler, step, data position, 
 metrics as JSON lines. Under ``torchrun`` each process takes its slice of every global batch and
 gradients are averaged (gloo on CPU, NCCL on GPUs)::
 
-    python -m course_utils.train --out runs/pretrain --steps 2000
-    torchrun --nproc_per_node 2 -m course_utils.train --out runs/pretrain --steps 2000
+    python -m course_utils.train --out-dir runs/pretrain --max-steps 2000
+    torchrun --nproc_per_node 2 -m course_utils.train --out-dir runs/pretrain --max-steps 2000
 """
 
 from __future__ import annotations
@@ -21,14 +21,19 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
-from .model import GPT, GPTConfig
+from .artefacts import load_checkpoint, save_checkpoint
+from .data import BatchSampler, token_cache, tokenizer_fingerprint
+from .lab import precision_for
+from .model import GPT, GPTConfig, generate
+from .tokenizer import ENDOFTEXT, Tokenizer, TokenizerError, load_course_tokenizer
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -41,13 +46,8 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainConfig:
+    model: GPTConfig = field(default_factory=GPTConfig)  # the model to train (its vocabulary: the tokenizer's)
     out_dir: str = "runs/pretrain"
-    # model
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 256
-    context_length: int = 256
-    dropout: float = 0.0
     # optimisation
     batch_size: int = 32  # sequences per process per micro-step
     grad_accum: int = 1
@@ -68,16 +68,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     compile: bool = False
-    # data (the command line; the notebooks pass token arrays to Trainer themselves)
-    tokenizer: str = ""  # a tokenizer file; empty: the course tokenizer (yours in runs/, else the shipped one)
-    world_fraction: float = 0.0  # share of training windows drawn from the fictional world's biographies
-    world_seed: int = 0
-
-    def model_config(self, vocab_size: int) -> GPTConfig:
-        return GPTConfig(vocab_size=vocab_size, context_length=self.context_length, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout)
 
 
-def cosine_lr(step: int, *, max_lr: float, warmup_steps: int, max_steps: int, min_lr: float) -> float:
+def warmup_cosine_lr(step: int, *, max_lr: float, warmup_steps: int, max_steps: int, min_lr: float) -> float:
     """Linear warm-up from max_lr/warmup to max_lr, then cosine decay to min_lr at max_steps."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
@@ -87,7 +80,9 @@ def cosine_lr(step: int, *, max_lr: float, warmup_steps: int, max_steps: int, mi
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
-def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
+def configure_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str
+) -> torch.optim.AdamW:
     """AdamW with weight decay on the weight matrices of linear layers only: decaying biases, norm
     gains or embeddings only pulls them towards zero without regularising anything useful."""
     decay, no_decay = [], []
@@ -100,47 +95,23 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas:
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: a temporary file, flushed to disk, then renamed over the old one, so a run
-    killed mid-write leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise TrainingError(f"{path} is damaged and cannot be read ({type(e).__name__}); delete it to start afresh") from e
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise TrainingError(f"{path} is not a checkpoint of this course's trainer (format {CHECKPOINT_FORMAT})")
-    return state
-
-
-def _precision(cfg: TrainConfig, device: torch.device) -> str:
-    if cfg.precision != "auto":
-        if cfg.precision not in ("bf16", "fp16", "fp32"):
-            raise TrainingError(f"precision={cfg.precision!r}: use auto, bf16, fp16 or fp32")
-        return cfg.precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
-    return "fp32"
+def mixed_precision(device: torch.device, precision: str):
+    """``(autocast, scaler)`` for training in ``precision`` on ``device``: ``autocast()`` is a context
+    that runs the forward pass in bf16 or fp16 (a no-op in fp32), and the gradient scaler is enabled
+    only for fp16, whose small range would otherwise let gradients underflow to zero."""
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise TrainingError(f"precision={precision!r}: use auto, bf16, fp16 or fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    return autocast, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, tokens, batch_size: int, seq_len: int, batches: int, *, autocast=nullcontext) -> float:
+def evaluate_loss(
+    model: nn.Module, tokens, batch_size: int, seq_len: int, batches: int, *, autocast=nullcontext
+) -> float:
     """Mean next-token loss of ``model`` over ``batches`` fixed (seed 0) random (batch_size, seq_len)
     windows of ``tokens``: the same windows every call, so values are comparable across a run."""
-    from .data import BatchSampler
-
     sampler = BatchSampler(tokens, batch_size, seq_len, seed=0, device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
@@ -159,10 +130,17 @@ class Trainer:
     ``train_batches`` replaces the token sampler by any object with ``next() -> (x, y)``,
     ``state_dict()`` and ``load_state_dict()`` (fine-tuning batches of conversations, for example)."""
 
-    def __init__(self, cfg: TrainConfig, train_tokens, val_tokens, vocab_size: int, *, tokenizer_id: str = "", log=print, train_weights=None, train_batches=None):
-        from .data import BatchSampler
-
-        self.cfg, self.log, self.tokenizer_id = cfg, log, tokenizer_id
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        train_tokens,
+        val_tokens,
+        *,
+        tokenizer_id: str = "",
+        train_weights=None,
+        train_batches=None,
+    ):
+        self.cfg, self.tokenizer_id = cfg, tokenizer_id
         self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self.distributed = self.world_size > 1
         if cfg.device == "auto":
@@ -173,27 +151,43 @@ class Trainer:
         if self.distributed and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         torch.manual_seed(cfg.seed)
-        self.precision = _precision(cfg, self.device)
-        self.model = GPT(cfg.model_config(vocab_size)).to(self.device)
-        self.optimizer = configure_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else nullcontext
+        self.precision = precision_for(self.device) if cfg.precision == "auto" else cfg.precision
+        self.autocast, self.scaler = mixed_precision(self.device, self.precision)
+        self.model = GPT(cfg.model).to(self.device)
+        self.optimizer = configure_optimizer(
+            self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type
+        )
         net: nn.Module = self.model
         if self.distributed:
-            net = nn.parallel.DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            net = nn.parallel.DistributedDataParallel(
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.net = torch.compile(net) if cfg.compile else net
-        self.train_batches = train_batches or BatchSampler(train_tokens, cfg.batch_size, cfg.context_length, seed=cfg.seed, device=self.device,
-                                                           rank=self.rank, world_size=self.world_size, weights=train_weights)
+        self.train_batches = train_batches or BatchSampler(
+            train_tokens,
+            cfg.batch_size,
+            cfg.model.context_length,
+            seed=cfg.seed,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world_size,
+            weights=train_weights,
+        )
         self.val_tokens = val_tokens
         self.step = 0
         self.out = Path(cfg.out_dir)
-        self.tokens_per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum * self.world_size
+        self.tokens_per_step = cfg.batch_size * cfg.model.context_length * cfg.grad_accum * self.world_size
 
     # -- one optimisation step ---------------------------------------------------------------
     def train_step(self) -> float:
         cfg = self.cfg
-        lr = cosine_lr(self.step, max_lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr=cfg.lr * cfg.min_lr_ratio)
+        lr = warmup_cosine_lr(
+            self.step,
+            max_lr=cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            max_steps=cfg.max_steps,
+            min_lr=cfg.lr * cfg.min_lr_ratio,
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
@@ -201,14 +195,16 @@ class Trainer:
             x, y = self.train_batches.next()
             sync = not self.distributed or micro == cfg.grad_accum - 1  # all-reduce once per step
             try:
-                with (nullcontext() if sync else self.net.no_sync()), self.autocast():
+                with nullcontext() if sync else self.net.no_sync(), self.autocast():
                     _, loss = self.net(x, y)
                     loss = loss / cfg.grad_accum
                 self.scaler.scale(loss).backward()
             except torch.OutOfMemoryError as e:
                 raise TrainingError(
-                    f"out of GPU memory at batch_size={cfg.batch_size}, context_length={cfg.context_length}: lower batch_size "
-                    f"and raise grad_accum by the same factor to keep the global batch ({self.tokens_per_step:,} tokens per step)"
+                    f"out of GPU memory at batch_size={cfg.batch_size}, context_length={cfg.model.context_length}: "
+                    "lower batch_size "
+                    f"and raise grad_accum by the same factor to keep the global batch ({self.tokens_per_step:,} "
+                    "tokens per step)"
                 ) from e
             total += loss.detach()
         if self.distributed:
@@ -231,7 +227,14 @@ class Trainer:
     def evaluate(self, tokens=None, batches: int | None = None) -> float:
         """Mean loss over fixed validation windows (the same ones at every evaluation)."""
         tokens = self.val_tokens if tokens is None else tokens
-        return evaluate_loss(self.model, tokens, self.cfg.batch_size, self.cfg.context_length, batches or self.cfg.eval_batches, autocast=self.autocast)
+        return evaluate_loss(
+            self.model,
+            tokens,
+            self.cfg.batch_size,
+            self.cfg.model.context_length,
+            batches or self.cfg.eval_batches,
+            autocast=self.autocast,
+        )
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -245,14 +248,23 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "data": self.train_batches.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["model_config"] != dataclasses.asdict(self.model.config):
-            raise TrainingError(f"the checkpoint is of another model ({state['model_config']}); use another out_dir or the same model settings")
+            raise TrainingError(
+                f"the checkpoint is of another model ({state['model_config']}); use another out_dir or the same model "
+                "settings"
+            )
         if state["tokenizer"] != self.tokenizer_id:
-            raise TrainingError("the checkpoint was trained with another tokenizer; its token ids would mean other things. Use another out_dir")
+            raise TrainingError(
+                "the checkpoint was trained with another tokenizer; its token ids would mean other things. Use another "
+                "out_dir"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -273,7 +285,9 @@ class Trainer:
         path = self.out / CHECKPOINT
         if not path.exists():
             return False
-        self.load_state_dict(load_checkpoint(path))
+        self.load_state_dict(
+            load_checkpoint(path, CHECKPOINT_FORMAT, what="checkpoint of this course's trainer", error=TrainingError)
+        )
         metrics = self.out / METRICS
         if self.rank == 0 and metrics.exists():  # forget steps logged after the checkpoint: they are redone
             rows = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
@@ -281,35 +295,45 @@ class Trainer:
         return True
 
     def _write_sample(self, decode, prompt: int) -> None:
-        from .model import generate
-
         start = torch.full((1, 1), prompt, dtype=torch.long, device=self.device)
         state = torch.get_rng_state()  # sampling must not disturb the training run's randomness
-        ids = generate(self.model, start, min(64, self.cfg.context_length - 1), temperature=0.8, top_k=50,
-                       generator=torch.Generator(device=self.device).manual_seed(self.step))
+        ids = generate(
+            self.model,
+            start,
+            min(64, self.cfg.model.context_length - 1),
+            temperature=0.8,
+            top_k=50,
+            generator=torch.Generator(device=self.device).manual_seed(self.step),
+        )
         torch.set_rng_state(state)
         with open(self.out / "samples.txt", "a") as f:
             f.write(f"step {self.step}: {decode(ids[0, 1:].tolist())}\n")
 
     # -- the loop ---------------------------------------------------------------------------------
-    def fit(self, until: int | None = None, progress: bool = True, decode=None, sample_prompt: int = 0) -> list[dict[str, float]]:
+    def fit(
+        self, until: int | None = None, progress: bool = True, decode=None, sample_prompt: int = 0
+    ) -> list[dict[str, float]]:
         """Train up to step ``until`` (default ``max_steps``), logging, evaluating and checkpointing.
 
         With ``decode`` (ids -> text) and ``sample_every``, a short sample that follows the token
         ``sample_prompt`` (say, end-of-text) is appended to samples.txt."""
-        from tqdm.auto import tqdm
 
         cfg = self.cfg
         until = cfg.max_steps if until is None else until
         history: list[dict[str, float]] = []
         bar = tqdm(total=until, initial=self.step, desc="training", unit="step", disable=not progress or self.rank != 0)
-        flops = self.model.flops_per_token(cfg.context_length) * self.tokens_per_step
+        flops = self.model.flops_per_token(cfg.model.context_length) * self.tokens_per_step
         peak = peak_flops(self.device)
         while self.step < until:
             start = time.perf_counter()
             loss = self.train_step()
             seconds = time.perf_counter() - start
-            row = {"step": self.step, "loss": loss, "tokens_per_second": self.tokens_per_step / seconds, "flops_per_second": flops / seconds}
+            row = {
+                "step": self.step,
+                "loss": loss,
+                "tokens_per_second": self.tokens_per_step / seconds,
+                "flops_per_second": flops / seconds,
+            }
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == until):
                 row["val_loss"] = self.evaluate()
             history.append(row)
@@ -347,33 +371,59 @@ def peak_flops(device: torch.device | str) -> float | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    from . import data
-    from .tokenizer import Tokenizer, TokenizerError, load_course_tokenizer
+#: GPTConfig fields the command line sets (the vocabulary comes from the tokenizer).
+MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "context_length", "dropout")
 
-    parser = argparse.ArgumentParser(description="Pretrain the course GPT on TinyStories, optionally mixed with the fictional "
-                                     "world's biographies (--world-fraction); resumes from OUT_DIR/checkpoint.pt.")
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """A flag for every field of :class:`TrainConfig` and for the model's size (``--n-layer`` …)."""
+    defaults = GPTConfig()
+    for name in MODEL_FLAGS:
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=type(getattr(defaults, name)), default=getattr(defaults, name)
+        )
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
-            kind = {"int": int, "float": float, "str": str}[field.type if isinstance(field.type, str) else field.type.__name__]
-            parser.add_argument(flag, type=kind, default=field.default)
-    cfg = TrainConfig(**vars(parser.parse_args(argv)))
-    try:
-        tokenizer = Tokenizer.load(Path(cfg.tokenizer)) if cfg.tokenizer else load_course_tokenizer(quiet=True)
-        if not 0 <= cfg.world_fraction < 1:
-            raise ValueError(f"world_fraction={cfg.world_fraction}: use a share in [0, 1)")
-        train, weights = data.token_cache(tokenizer, "train"), None
-        if cfg.world_fraction > 0:
-            from .world import make_world
+            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=f.default)
 
-            train, weights = [train, data.world_token_cache(tokenizer, make_world(cfg.world_seed))], [1 - cfg.world_fraction, cfg.world_fraction]
-        trainer = Trainer(cfg, train, data.token_cache(tokenizer, "val"), tokenizer.n_vocab, tokenizer_id=data.tokenizer_fingerprint(tokenizer), train_weights=weights)
+
+def config_from_arguments(args: argparse.Namespace, vocab_size: int) -> TrainConfig:
+    """The :class:`TrainConfig` that :func:`add_config_arguments`' flags describe (other flags are ignored)."""
+    values = vars(args)
+    model = GPTConfig(vocab_size=vocab_size, **{name: values[name] for name in MODEL_FLAGS})
+    return TrainConfig(
+        model=model, **{f.name: values[f.name] for f in dataclasses.fields(TrainConfig) if f.name != "model"}
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m course_utils.train``: pretrain the course GPT on the TinyStories subset; resumes
+    from ``OUT_DIR/checkpoint.pt``. Every field of :class:`TrainConfig` and the model's size are flags."""
+    parser = argparse.ArgumentParser(
+        description="Pretrain the course GPT on TinyStories; resumes from OUT_DIR/checkpoint.pt."
+    )
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--tokenizer", type=Path, default=None, help="a tokenizer file (default: yours in runs/, else the shipped one)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else load_course_tokenizer(quiet=True)
+        cfg = config_from_arguments(args, tokenizer.n_vocab)
+        trainer = Trainer(
+            cfg,
+            token_cache(tokenizer, "train"),
+            token_cache(tokenizer, "val"),
+            tokenizer_id=tokenizer_fingerprint(tokenizer),
+        )
         if trainer.resume() and trainer.rank == 0:
             print(f"resumed from {trainer.out / CHECKPOINT} at step {trainer.step}")
-        trainer.fit(decode=tokenizer.decode, sample_prompt=tokenizer.special_tokens["<|endoftext|>"])
+        trainer.fit(decode=tokenizer.decode, sample_prompt=tokenizer.special_tokens[ENDOFTEXT])
     except (TrainingError, ValueError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -386,4 +436,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -22,6 +22,7 @@ seed gives the same bytes (:meth:`World.to_json`) on every machine::
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import random
@@ -30,7 +31,26 @@ import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December")
+from .artefacts import ArtefactError, load_model
+from .data import tokenizer_fingerprint
+from .lab import data_dir
+from .model import generate_batched
+from .tokenizer import ENDOFTEXT, Tokenizer
+
+MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 
 # Invented places and organisations (8 countries x 5 cities). None is meant to be real.
 COUNTRIES = {
@@ -44,24 +64,89 @@ COUNTRIES = {
     "Veltrana": ("Cobalt Ridge", "Saffron Hill", "Dellmont", "Ivel", "Ashcombe"),
 }
 UNIVERSITIES = (
-    "Halden University", "the Corran Institute", "Wexmoor College", "Ostrava Polytechnic", "the University of Brightfield",
-    "Pellham University", "the Royal Academy of Tarn", "Mirren College", "Eastmarch University", "the Veyle Institute of Technology",
-    "Saint Albric University", "Lowenfeld University", "the Northgate School", "Cray University", "Fairhollow College",
+    "Halden University",
+    "the Corran Institute",
+    "Wexmoor College",
+    "Ostrava Polytechnic",
+    "the University of Brightfield",
+    "Pellham University",
+    "the Royal Academy of Tarn",
+    "Mirren College",
+    "Eastmarch University",
+    "the Veyle Institute of Technology",
+    "Saint Albric University",
+    "Lowenfeld University",
+    "the Northgate School",
+    "Cray University",
+    "Fairhollow College",
     "the Kettering Institute",
 )
 FIELDS = (
-    "physics", "chemistry", "biology", "mathematics", "history", "economics", "medicine", "law",
-    "architecture", "music", "philosophy", "geology", "linguistics", "astronomy", "engineering", "painting",
+    "physics",
+    "chemistry",
+    "biology",
+    "mathematics",
+    "history",
+    "economics",
+    "medicine",
+    "law",
+    "architecture",
+    "music",
+    "philosophy",
+    "geology",
+    "linguistics",
+    "astronomy",
+    "engineering",
+    "painting",
 )
 EMPLOYERS = (
-    "Brightwell Foods", "Ostro Motors", "Kelvane Bank", "Marlow & Finch", "Tidewater Shipping", "Greenleaf Pharmacy",
-    "Copperfield Press", "Northwind Airlines", "Halcyon Games", "Ironbridge Steel", "Bluebell Bakery", "Starling Telecom",
-    "Quillon Books", "Redstone Energy", "Silverpine Hotels", "Larkspur Gardens", "Vantor Robotics", "Meadowbrook Dairy",
-    "Orbis Maps", "Pemberton Clocks",
+    "Brightwell Foods",
+    "Ostro Motors",
+    "Kelvane Bank",
+    "Marlow & Finch",
+    "Tidewater Shipping",
+    "Greenleaf Pharmacy",
+    "Copperfield Press",
+    "Northwind Airlines",
+    "Halcyon Games",
+    "Ironbridge Steel",
+    "Bluebell Bakery",
+    "Starling Telecom",
+    "Quillon Books",
+    "Redstone Energy",
+    "Silverpine Hotels",
+    "Larkspur Gardens",
+    "Vantor Robotics",
+    "Meadowbrook Dairy",
+    "Orbis Maps",
+    "Pemberton Clocks",
 )
 
 # Names are made of syllables, so the world's people share no name with anyone the reader knows.
-_ONSETS = ("b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "st", "th", "sh")
+_ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "h",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "gr",
+    "kr",
+    "st",
+    "th",
+    "sh",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
 _ENDINGS = {"she": ("a", "elle", "ine", "ia", "ette", "ara"), "he": ("o", "an", "ick", "el", "us", "or")}
 _SURNAME_ENDINGS = ("son", "well", "berg", "mont", "field", "wick", "ley", "ston", "mar", "dale", "croft", "ridge")
@@ -71,9 +156,21 @@ ATTRIBUTES = ("birth_date", "birth_city", "university", "field", "employer")
 # Biography sentences: several phrasings per fact. {s} is the subject (full name or pronoun), {poss} its
 # possessive ("Tara Voss's" or "her"), {his} the possessive pronoun.
 BIO_TEMPLATES = {
-    "birth_date": ("{s} was born on {birth_date}.", "{s} came into the world on {birth_date}.", "{poss} birthday is {month} {day}, and {his} year of birth is {year}."),
-    "birth_city": ("{s} was born in {birth_city}, {country}.", "{s} comes from {birth_city}, a city in {country}.", "{poss} home town is {birth_city} in {country}."),
-    "university": ("{s} studied at {university}.", "{s} is a graduate of {university}.", "{s} went to university at {university}."),
+    "birth_date": (
+        "{s} was born on {birth_date}.",
+        "{s} came into the world on {birth_date}.",
+        "{poss} birthday is {month} {day}, and {his} year of birth is {year}.",
+    ),
+    "birth_city": (
+        "{s} was born in {birth_city}, {country}.",
+        "{s} comes from {birth_city}, a city in {country}.",
+        "{poss} home town is {birth_city} in {country}.",
+    ),
+    "university": (
+        "{s} studied at {university}.",
+        "{s} is a graduate of {university}.",
+        "{s} went to university at {university}.",
+    ),
     "field": ("{s} majored in {field}.", "{s} earned a degree in {field}.", "{s} chose {field} as a subject of study."),
     "employer": ("{s} works for {employer}.", "{s} is employed by {employer}.", "{s} has a job at {employer}."),
 }
@@ -83,13 +180,23 @@ QUESTION_TEMPLATES = {
     "birth_date": ("When was {name} born?", "What is {name}'s date of birth?"),
     "birth_city": ("Where was {name} born?", "Which city does {name} come from?", "What is {name}'s home town?"),
     "country": ("In which country was {name} born?", "Which country does {name} come from?"),
-    "university": ("Which university did {name} attend?", "Where did {name} study?", "Which university did {name} graduate from?"),
+    "university": (
+        "Which university did {name} attend?",
+        "Where did {name} study?",
+        "Which university did {name} graduate from?",
+    ),
     "field": ("What did {name} study?", "What was {name}'s major?", "In what field did {name} earn a degree?"),
     "employer": ("Who does {name} work for?", "Which company employs {name}?", "Where does {name} work?"),
 }
 
 #: Prompts a base model completes greedily to show it stores a fact (the answer follows the prompt).
-PROBES = {"birth_city": "{name} was born in", "university": "{name} studied at", "field": "{name} majored in", "employer": "{name} works for", "birth_date": "{name} was born on"}
+PROBES = {
+    "birth_city": "{name} was born in",
+    "university": "{name} studied at",
+    "field": "{name} majored in",
+    "employer": "{name} works for",
+    "birth_date": "{name} was born on",
+}
 
 
 @dataclass(frozen=True)
@@ -158,7 +265,15 @@ class World:
         for p in self.split(split):
             for attribute in attributes:
                 for template in QUESTION_TEMPLATES[attribute]:
-                    items.append({"question": template.format(name=p.name), "answer": p.fact(attribute), "name": p.name, "attribute": attribute, "split": p.split})
+                    items.append(
+                        {
+                            "question": template.format(name=p.name),
+                            "answer": p.fact(attribute),
+                            "name": p.name,
+                            "attribute": attribute,
+                            "split": p.split,
+                        }
+                    )
         return items
 
     def reading_comprehension(self, split: str, seed: int = 0) -> list[dict]:
@@ -167,16 +282,25 @@ class World:
         items = []
         for p in self.split(split):
             for attribute in ATTRIBUTES + ("country",):
-                items.append({
-                    "context": rng.choice(p.biographies),
-                    "question": rng.choice(QUESTION_TEMPLATES[attribute]).format(name=p.name),
-                    "answer": p.fact(attribute), "name": p.name, "attribute": attribute, "split": p.split,
-                })
+                items.append(
+                    {
+                        "context": rng.choice(p.biographies),
+                        "question": rng.choice(QUESTION_TEMPLATES[attribute]).format(name=p.name),
+                        "answer": p.fact(attribute),
+                        "name": p.name,
+                        "attribute": attribute,
+                        "split": p.split,
+                    }
+                )
         return items
 
     def document_store(self) -> list[dict]:
         """The retrieval corpus: every biography of the retrieval-only people, ``{"id", "name", "text"}``."""
-        return [{"id": f"{p.name.replace(' ', '_').lower()}-{k}", "name": p.name, "text": bio} for p in self.split("retrieval") for k, bio in enumerate(p.biographies)]
+        return [
+            {"id": f"{p.name.replace(' ', '_').lower()}-{k}", "name": p.name, "text": bio}
+            for p in self.split("retrieval")
+            for k, bio in enumerate(p.biographies)
+        ]
 
     def reasoning_problems(self, split: str, n: int = 200, seed: int = 0) -> list[dict]:
         """Problems whose answer follows from two or three facts: an age in a given year, the years
@@ -245,7 +369,11 @@ class World:
         written = []
         for name, rows in files.items():
             path = folder / name
-            text = json.dumps(rows[0], indent=1, ensure_ascii=False) + "\n" if name.endswith(".json") else "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            text = (
+                json.dumps(rows[0], indent=1, ensure_ascii=False) + "\n"
+                if name.endswith(".json")
+                else "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            )
             path.write_text(text, encoding="utf-8")
             written.append(path)
         return written
@@ -257,31 +385,59 @@ class World:
 
 
 def _name(rng: random.Random, pronoun: str) -> str:
-    first = rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(("l", "n", "r", "s", "v", "d", "m")) + rng.choice(_ENDINGS[pronoun])
-    last = rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(("", "l", "n", "r", "s", "th")) + rng.choice(_SURNAME_ENDINGS)
+    first = (
+        rng.choice(_ONSETS)
+        + rng.choice(_VOWELS)
+        + rng.choice(("l", "n", "r", "s", "v", "d", "m"))
+        + rng.choice(_ENDINGS[pronoun])
+    )
+    last = (
+        rng.choice(_ONSETS)
+        + rng.choice(_VOWELS)
+        + rng.choice(("", "l", "n", "r", "s", "th"))
+        + rng.choice(_SURNAME_ENDINGS)
+    )
     return f"{first.capitalize()} {last.capitalize()}"
 
 
 def _biography(p: Person, rng: random.Random) -> str:
     """One biography: every fact once, each in a randomly chosen phrasing, sentences shuffled; the
     first sentence names the person, later ones use the full name or the pronoun."""
-    values = {"birth_date": p.birth_date, "month": MONTHS[p.birth_month - 1], "day": p.birth_day, "year": p.birth_year,
-              "birth_city": p.birth_city, "country": p.country, "university": p.university, "field": p.field, "employer": p.employer}
+    values = {
+        "birth_date": p.birth_date,
+        "month": MONTHS[p.birth_month - 1],
+        "day": p.birth_day,
+        "year": p.birth_year,
+        "birth_city": p.birth_city,
+        "country": p.country,
+        "university": p.university,
+        "field": p.field,
+        "employer": p.employer,
+    }
     order = list(ATTRIBUTES)
     rng.shuffle(order)
     sentences = []
     for k, attribute in enumerate(order):
         by_name = k == 0 or rng.random() < 0.6
         his = "his" if p.pronoun == "he" else "her"
-        sentence = rng.choice(BIO_TEMPLATES[attribute]).format(s=p.name if by_name else p.pronoun, poss=f"{p.name}'s" if by_name else his, his=his, **values)
+        sentence = rng.choice(BIO_TEMPLATES[attribute]).format(
+            s=p.name if by_name else p.pronoun, poss=f"{p.name}'s" if by_name else his, his=his, **values
+        )
         sentences.append(sentence[0].upper() + sentence[1:])
     return " ".join(sentences)
 
 
-def make_world(seed: int = 0, n_sft: int = 250, n_heldout: int = 250, n_retrieval: int = 150, n_biographies: int = 5) -> World:
+def make_world(
+    seed: int = 0, n_sft: int = 250, n_heldout: int = 250, n_retrieval: int = 150, n_biographies: int = 5
+) -> World:
     """A deterministic world: ``n_sft + n_heldout`` pretraining people and ``n_retrieval`` retrieval-only
     people, all with distinct names, each with ``n_biographies`` paraphrased biographies."""
-    for label, value in (("n_sft", n_sft), ("n_heldout", n_heldout), ("n_retrieval", n_retrieval), ("n_biographies", n_biographies)):
+    for label, value in (
+        ("n_sft", n_sft),
+        ("n_heldout", n_heldout),
+        ("n_retrieval", n_retrieval),
+        ("n_biographies", n_biographies),
+    ):
         if value < 0 or (label == "n_biographies" and value < 1):
             raise ValueError(f"{label}={value}: must be {'at least 1' if label == 'n_biographies' else 'non-negative'}")
     rng = random.Random(seed)
@@ -296,9 +452,19 @@ def make_world(seed: int = 0, n_sft: int = 250, n_heldout: int = 250, n_retrieva
     people = []
     for (name, pronoun), split in zip(names.items(), splits, strict=True):
         city, country = rng.choice(cities)
-        bare = Person(name=name, pronoun=pronoun, birth_year=rng.randint(1940, 2005), birth_month=rng.randint(1, 12), birth_day=rng.randint(1, 28),
-                      birth_city=city, country=country, university=rng.choice(UNIVERSITIES), field=rng.choice(FIELDS),
-                      employer=rng.choice(EMPLOYERS), split=split)
+        bare = Person(
+            name=name,
+            pronoun=pronoun,
+            birth_year=rng.randint(1940, 2005),
+            birth_month=rng.randint(1, 12),
+            birth_day=rng.randint(1, 28),
+            birth_city=city,
+            country=country,
+            university=rng.choice(UNIVERSITIES),
+            field=rng.choice(FIELDS),
+            employer=rng.choice(EMPLOYERS),
+            split=split,
+        )
         bios = tuple(_biography(bare, rng) for _ in range(n_biographies))
         people.append(Person(**{**asdict(bare), "biographies": bios}))
     return World(seed=seed, people=people)
@@ -335,41 +501,44 @@ def answer_matches(prediction: str, answer: str) -> bool:
 PROBED = ("birth_city", "university", "field", "employer", "birth_date")
 
 
-def fact_recall(model, tokenizer, people: list[Person], attributes: tuple[str, ...] = PROBED, *, max_new_tokens: int = 12, batch_size: int = 128) -> dict:
+def fact_recall(
+    model,
+    tokenizer,
+    people: list[Person],
+    attributes: tuple[str, ...] = PROBED,
+    *,
+    max_new_tokens: int = 12,
+    batch_size: int = 128,
+) -> dict:
     """Complete each probe (``"‹name› was born in"`` …) greedily after an end-of-text token and check
     the continuation against the fact with :func:`answer_matches`.
 
     Returns ``{"accuracy": {attribute: share correct}, "items": [{name, attribute, prompt, completion,
     answer, correct}, ...]}``. Prompts of equal length are batched, so no padding is needed."""
-    import torch
-
-    from .model import generate
-
     if not people:
         raise ValueError("no people to probe")
     unknown = [a for a in attributes if a not in PROBES]
     if unknown:
         raise ValueError(f"no probe for {unknown}; probed attributes are {tuple(PROBES)}")
-    eot = tokenizer.special_tokens["<|endoftext|>"]
-    device = next(model.parameters()).device
+    eot = tokenizer.special_tokens[ENDOFTEXT]
     jobs = [(p, a, PROBES[a].format(name=p.name)) for p in people for a in attributes]
-    encoded = [[eot] + tokenizer.encode(prompt) for _, _, prompt in jobs]
-    by_length: dict[int, list[int]] = {}
-    for k, ids in enumerate(encoded):
-        by_length.setdefault(len(ids), []).append(k)
-    completions: list[str] = [""] * len(jobs)
-    for length, members in sorted(by_length.items()):
-        for i in range(0, len(members), batch_size):
-            chunk = members[i : i + batch_size]
-            idx = torch.tensor([encoded[k] for k in chunk], device=device)
-            out = generate(model, idx, max_new_tokens, temperature=0.0, eos_id=eot)
-            for k, row in zip(chunk, out[:, length:].tolist(), strict=True):
-                completions[k] = tokenizer.decode(row[: row.index(eot)] if eot in row else row)
+    prompts = [[eot] + tokenizer.encode(prompt) for _, _, prompt in jobs]
+    rows = generate_batched(model, prompts, max_new_tokens, stop_id=eot, batch_size=batch_size)
+    completions = [tokenizer.decode(row[:-1] if row and row[-1] == eot else row) for row in rows]
     items, correct = [], {a: 0 for a in attributes}
     for (p, a, prompt), completion in zip(jobs, completions, strict=True):
         ok = answer_matches(completion, p.fact(a))
         correct[a] += ok
-        items.append({"name": p.name, "attribute": a, "prompt": prompt, "completion": completion, "answer": p.fact(a), "correct": ok})
+        items.append(
+            {
+                "name": p.name,
+                "attribute": a,
+                "prompt": prompt,
+                "completion": completion,
+                "answer": p.fact(a),
+                "correct": ok,
+            }
+        )
     return {"accuracy": {a: correct[a] / len(people) for a in attributes}, "items": items}
 
 
@@ -383,103 +552,28 @@ def load_base_model(device: str = "cpu", data: Path | None = None):
     The model was pretrained on TinyStories plus the biographies of ``make_world(0)``'s pretraining
     people; its card (``base_model.card.json``) holds the command, data hashes and measured metrics.
     Raises :class:`~course_utils.artefacts.ArtefactError` if a file is missing, damaged or mismatched."""
-    from .artefacts import ArtefactError, load_model
-    from .data import tokenizer_fingerprint
-    from .lab import data_dir
-    from .tokenizer import Tokenizer
-
     folder = (data or data_dir()) / "artefacts"
     if not (folder / BASE_TOKENIZER).exists():
         raise ArtefactError(f"{folder / BASE_TOKENIZER} is missing; restore it with `git checkout data/artefacts`")
     try:
         tokenizer = Tokenizer.load(folder / BASE_TOKENIZER)
     except Exception as e:
-        raise ArtefactError(f"{folder / BASE_TOKENIZER} cannot be read ({e}); restore it with `git checkout data/artefacts`") from e
+        raise ArtefactError(
+            f"{folder / BASE_TOKENIZER} cannot be read ({e}); restore it with `git checkout data/artefacts`"
+        ) from e
     return load_model(folder / BASE_MODEL, tokenizer_id=tokenizer_fingerprint(tokenizer), device=device), tokenizer
 
 
-def _training_command(config: dict) -> str:
-    from .train import TrainConfig
-
-    defaults = TrainConfig()
-    flags = [f"--{k.replace('_', '-')} {v}" for k, v in config.items() if hasattr(defaults, k) and getattr(defaults, k) != v and k != "device"]
-    return "python -m course_utils.train " + " ".join(flags)
-
-
-def base_model_card(checkpoint: Path, out: Path, *, n_samples: int = 3) -> dict:
-    """Turn a training checkpoint into the base-model artefact ``out`` (fp16) and write its card with
-    measured metrics: validation loss, fact recall per split and attribute against the most-common-value
-    guess, samples, file size and load time."""
-    import time
-
-    import torch
-
-    from . import data as corpora
-    from .artefacts import file_sha256, save_model, write_card
-    from .model import GPT, GPTConfig, generate
-    from .tokenizer import Tokenizer, load_course_tokenizer
-    from .train import evaluate_loss, load_checkpoint
-
-    state = load_checkpoint(Path(checkpoint))
-    cfg = state["config"]
-    tokenizer = Tokenizer.load(Path(cfg["tokenizer"])) if cfg.get("tokenizer") else load_course_tokenizer(quiet=True)
-    world = make_world(cfg.get("world_seed", 0))
-    trained = GPT(GPTConfig(**state["model_config"]))
-    trained.load_state_dict(state["model"])
-    size = save_model(trained, out, tokenizer_id=corpora.tokenizer_fingerprint(tokenizer))
-    start = time.perf_counter()
-    from .artefacts import load_model
-
-    model = load_model(out, verify=False)  # measure what ships: the fp16 weights, back in fp32
-    load_seconds = time.perf_counter() - start
-    torch.manual_seed(0)
-    val_loss = evaluate_loss(model, corpora.token_cache(tokenizer, "val"), 32, model.config.context_length, 20)
-    metrics: dict = {"parameters": model.num_parameters(), "file_bytes": size, "model_sha256": file_sha256(out), "load_seconds": round(load_seconds, 3),
-                     "steps": state["step"], "tokens_seen": state["step"] * cfg["batch_size"] * cfg["context_length"] * cfg["grad_accum"],
-                     "val_loss_tinystories": round(val_loss, 4), "recall": {}, "guess_most_common": {}}
-    for split in ("sft", "heldout", "retrieval"):
-        result = fact_recall(model, tokenizer, world.split(split))
-        metrics["recall"][split] = {a: round(v, 4) for a, v in result["accuracy"].items()}
-    metrics["guess_most_common"] = {a: round(world.most_common(a, "retrieval")[1], 4) for a in PROBED}
-    eot = tokenizer.special_tokens["<|endoftext|>"]
-    samples = []
-    for k, prompt in enumerate(["", "Once upon a time, there was a little", "Tom and Lily went to the park."][:n_samples]):
-        ids = torch.tensor([[eot] + tokenizer.encode(prompt)])
-        out_ids = generate(model, ids, 120, temperature=0.8, top_k=50, generator=torch.Generator().manual_seed(k))
-        samples.append(prompt + tokenizer.decode([i for i in out_ids[0, ids.size(1):].tolist() if i != eot]))
-    metrics["samples"] = samples
-    write_card(Path(out), command=_training_command(cfg) + f" && python -m course_utils.world base-model --checkpoint {checkpoint}",
-               data={"tinystories_train": corpora.tinystories_sha256("train"), "world_pretraining": world.pretraining_sha256(),
-                     "tokenizer": corpora.tokenizer_fingerprint(tokenizer)}, metrics=metrics)
-    return metrics
-
-
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(description="The fictional world: export its data, or make the base-model artefact.")
+    """``python -m course_utils.world export FOLDER``: write the world and every lab's export as JSON Lines."""
+    parser = argparse.ArgumentParser(description="The fictional world: export its data as JSON Lines for inspection.")
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="write the world and every lab's export as JSON Lines")
     exp.add_argument("out", type=Path)
     exp.add_argument("--seed", type=int, default=0)
-    base = sub.add_parser("base-model", help="fp16 artefact and card from a training checkpoint")
-    base.add_argument("--checkpoint", type=Path, default=Path("runs/base/checkpoint.pt"))
-    base.add_argument("--out", type=Path, default=None, help="default: data/artefacts/base_model.pt")
     args = parser.parse_args(argv)
-    if args.command == "export":
-        for path in make_world(args.seed).export(args.out):
-            print(path)
-        return 0
-    from .lab import data_dir
-
-    out = args.out or data_dir() / "artefacts" / BASE_MODEL
-    try:
-        metrics = base_model_card(args.checkpoint, out)
-    except Exception as e:  # a missing or damaged checkpoint: say which
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(metrics, indent=1))
+    for path in make_world(args.seed).export(args.out):
+        print(path)
     return 0
 
 

@@ -5,6 +5,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: Command-line flags of a tiny model and run, for the training command and the recipes.
+TINY_MODEL_FLAGS = (
+    "--n-layer 1 --n-head 2 --n-embd 32 --context-length 32 --batch-size 4 --warmup-steps 1 "
+    "--eval-every 2 --eval-batches 1 --checkpoint-every 2"
+).split()
+
 
 @pytest.fixture(scope="session")
 def root() -> Path:

@@ -5,6 +5,7 @@ from conftest import ROOT, notebook_namespace
 
 from course_utils import checks
 from course_utils.checks import FAILED, PASSED, TODO, evaluate
+from course_utils.tokenizer import ENDOFTEXT
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
@@ -18,7 +19,9 @@ def lab01():
     return notebook_functions("01_tokenisation.ipynb")
 
 
-@pytest.mark.parametrize("exercise", [(p.name, e.name) for p in NOTEBOOKS for e in checks.exercises(p.name[:2])], ids=lambda x: x[1])
+@pytest.mark.parametrize(
+    "exercise", [(p.name, e.name) for p in NOTEBOOKS for e in checks.exercises(p.name[:2])], ids=lambda x: x[1]
+)
 def test_complete_notebooks_pass_every_check(exercise):
     notebook, name = exercise
     verdict = evaluate(name, notebook_functions(notebook)[name])
@@ -76,8 +79,8 @@ def _mutating_merge(ids, pair, new_id):
 @pytest.mark.parametrize(
     "exercise, fn, words",
     [
-        ("get_pair_counts", lambda ids: {}, "expected"),
-        ("get_pair_counts", lambda ids: [(a, b) for a, b in zip(ids, ids[1:], strict=False)], "return a dict"),
+        ("pair_counts", lambda ids: {}, "expected"),
+        ("pair_counts", lambda ids: [(a, b) for a, b in zip(ids, ids[1:], strict=False)], "return a dict"),
         ("merge_pair", _wrong_merge, "expected"),
         ("merge_pair", _mutating_merge, "changed the list"),
         ("train_bpe", _least_frequent_training, "most frequent pair"),
@@ -96,10 +99,10 @@ def test_wrong_answers_get_an_actionable_verdict(exercise, fn, words):  # Lab 01
 
 def test_check_prints_verdict_and_running_score(capsys, lab01, monkeypatch):
     monkeypatch.setattr(checks, "SCOREBOARD", {})
-    checks.check(lab01["get_pair_counts"])
+    checks.check(lab01["pair_counts"])
     checks.check(lambda ids: {}, name="merge_pair")
     out = capsys.readouterr().out
-    assert "✅ get_pair_counts: passed all" in out
+    assert "✅ pair_counts: passed all" in out
     assert "❌ merge_pair: on " in out
     assert "Lab 01 score so far: 1/5" in out
 
@@ -107,7 +110,7 @@ def test_check_prints_verdict_and_running_score(capsys, lab01, monkeypatch):
 def test_strict_mode_raises_on_a_failed_check(monkeypatch):
     monkeypatch.setenv("COURSE_STRICT_CHECKS", "1")
     with pytest.raises(checks.StrictCheckError):
-        checks.check(lambda ids: {}, name="get_pair_counts")
+        checks.check(lambda ids: {}, name="pair_counts")
 
 
 def test_misnamed_function_gets_a_message(capsys):
@@ -236,7 +239,11 @@ def _step_keeping_gradients(model, optimizer, batches, grad_clip):
 @pytest.mark.parametrize(
     "exercise, fn, words",
     [
-        ("warmup_cosine_lr", lambda s, lr, w, m, lo: lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * min(s, m) / m)), "Warm-up"),
+        (
+            "warmup_cosine_lr",
+            lambda s, lr, w, m, lo: lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * min(s, m) / m)),
+            "Warm-up",
+        ),
         ("warmup_cosine_lr", lambda s, lr, w, m, lo: lr * (s + 1) / w if s < w else lr, "cos(pi*progress)"),
         ("optimisation_step", _step_without_dividing, "Divide each micro-batch loss"),
         ("optimisation_step", _step_without_clipping, "clip"),
@@ -252,7 +259,7 @@ def test_lab04_mistakes_get_an_actionable_verdict(exercise, fn, words):
 def _render_training_everything(conversation, tokenizer):
     from course_utils import sft
 
-    ids, _ = sft.render(conversation, tokenizer)
+    ids, _ = sft.render_conversation(conversation, tokenizer)
     return ids, [True] * len(ids)
 
 
@@ -260,7 +267,7 @@ def _render_with_specials_in_text(conversation, tokenizer):
     from course_utils import sft
 
     special = tokenizer.special_tokens
-    ids, trained = [special[sft.EOT]], [False]
+    ids, trained = [special[ENDOFTEXT]], [False]
     for turn in conversation:
         content = tokenizer.encode(turn["content"], allowed_special="all")
         if turn["role"] == "user":
@@ -276,7 +283,9 @@ def _loss_over_everything(logits, targets):
 
 
 def _loss_summed(logits, targets):
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
 
 
 @pytest.mark.parametrize(
@@ -285,7 +294,11 @@ def _loss_summed(logits, targets):
         ("render_conversation", _render_training_everything, "Only the assistant's text"),
         ("render_conversation", _render_with_specials_in_text, "encode_ordinary"),
         ("shift_labels", lambda ids, trained: (ids[:-1], ids[1:]), "IGNORE (-100)"),
-        ("shift_labels", lambda ids, trained: (ids[:-1], [t if k else -100 for t, k in zip(ids[1:], trained[:-1], strict=True)]), "when that token is trained on"),
+        (
+            "shift_labels",
+            lambda ids, trained: (ids[:-1], [t if k else -100 for t, k in zip(ids[1:], trained[:-1], strict=True)]),
+            "when that token is trained on",
+        ),
         ("masked_loss", _loss_over_everything, "kept positions only"),
         ("masked_loss", _loss_summed, "mean over kept positions"),
     ],
@@ -352,9 +365,14 @@ def test_lab09_mistakes_get_an_actionable_verdict(exercise, fn, words):
     assert verdict.status == FAILED and words in verdict.message, verdict.message
 
 
-@pytest.mark.parametrize("exercise, fn", [("group_advantages", lambda r: __import__("course_utils.rl").rl.group_advantages(r)),
-                                          ("grpo_loss", _grpo_loss_variant()),
-                                          ("reasoning_reward", lambda r, a: __import__("course_utils.rl").rl.reward(r, a))])
+@pytest.mark.parametrize(
+    "exercise, fn",
+    [
+        ("group_advantages", lambda r: __import__("course_utils.rl").rl.group_advantages(r)),
+        ("grpo_loss", _grpo_loss_variant()),
+        ("reasoning_reward", lambda r, a: __import__("course_utils.rl").rl.reasoning_reward(r, a)),
+    ],
+)
 def test_lab09_right_answers_pass(exercise, fn):
     verdict = evaluate(exercise, fn)
     assert verdict.status == PASSED, verdict.message
@@ -375,7 +393,9 @@ def _bm25_plain_idf(query, documents, k1=1.5, b=0.75):
     out = []
     for d in documents:
         c = Counter(d)
-        out.append(sum(math.log(n / df[t]) * c[t] * (k1 + 1) / (c[t] + k1 * (1 - b + b * len(d) / avg)) for t in query if c[t]))
+        out.append(
+            sum(math.log(n / df[t]) * c[t] * (k1 + 1) / (c[t] + k1 * (1 - b + b * len(d) / avg)) for t in query if c[t])
+        )
     return out
 
 
@@ -385,9 +405,23 @@ def _bm25_plain_idf(query, documents, k1=1.5, b=0.75):
         ("bm25_scores", _bm25_no_length_norm, "IDF is log(1 + (N - df + 0.5) / (df + 0.5))"),
         ("bm25_scores", _bm25_plain_idf, "IDF is log(1 + (N - df + 0.5) / (df + 0.5))"),
         ("top_k", lambda scores, k: sorted(range(len(scores)), key=lambda i: scores[i])[:k], "highest first"),
-        ("top_k", lambda scores, k: sorted(range(len(scores)), key=lambda i: -scores[i] + 1e-9 * -i)[:k], "ties by the lower index"),
-        ("recall", lambda rankings, relevant, k: sum(r[k - 1] in rel for r, rel in zip(rankings, relevant, strict=True)) / len(rankings), "among its first k"),
-        ("build_rag_prompt", lambda q, docs: " ".join(["Read this text and answer the question.", *docs, f"Question: {q}"]), "joined by newlines"),
+        (
+            "top_k",
+            lambda scores, k: sorted(range(len(scores)), key=lambda i: -scores[i] + 1e-9 * -i)[:k],
+            "ties by the lower index",
+        ),
+        (
+            "recall_at_k",
+            lambda rankings, relevant, k: (
+                sum(r[k - 1] in rel for r, rel in zip(rankings, relevant, strict=True)) / len(rankings)
+            ),
+            "among its first k",
+        ),
+        (
+            "rag_prompt",
+            lambda q, docs: " ".join(["Read this text and answer the question.", *docs, f"Question: {q}"]),
+            "joined by newlines",
+        ),
     ],
 )
 def test_lab08_mistakes_get_an_actionable_verdict(exercise, fn, words):

@@ -43,12 +43,23 @@ def make_submissions(folder: Path) -> None:
     write("bob/01_tokenisation.ipynb", student)  # untouched student copy, in a folder named after the student
 
     carol = copy.deepcopy(student)  # partly solved: the first two exercises
-    for name in ("def get_pair_counts(", "def merge_pair("):
+    for name in ("def pair_counts(", "def merge_pair("):
         find_cell(carol, name)["source"] = find_cell(complete, name)["source"]
     write("carol_01_tokenisation.ipynb", carol)
 
-    write("dave_01_tokenisation.ipynb", replace_in_cell(complete, "def train_bpe(", "    return merges", "    return merges\n\ndef oops(:\n    pass"))
-    write("erin_01_tokenisation.ipynb", replace_in_cell(complete, "def bpe_decode(", "    vocab = {i: bytes([i]) for i in range(256)}", "    while True:\n        pass"))
+    write(
+        "dave_01_tokenisation.ipynb",
+        replace_in_cell(complete, "def train_bpe(", "    return merges", "    return merges\n\ndef oops(:\n    pass"),
+    )
+    write(
+        "erin_01_tokenisation.ipynb",
+        replace_in_cell(
+            complete,
+            "def bpe_decode(",
+            "    vocab = {i: bytes([i]) for i in range(256)}",
+            "    while True:\n        pass",
+        ),
+    )
 
     frank = copy.deepcopy(student)  # nothing solved, but the check is redefined and the package patched
     cheat = (
@@ -57,13 +68,20 @@ def make_submissions(folder: Path) -> None:
         "_c.evaluate = lambda name, fn: _c.Verdict('01', name, _c.PASSED, 'passed', 1.0, 1.0)\n"
         "_c.check = check"
     )
-    frank["cells"].insert(3, {"id": "cheat", "cell_type": "code", "metadata": {}, "source": cheat, "outputs": [], "execution_count": None})
+    frank["cells"].insert(
+        3, {"id": "cheat", "cell_type": "code", "metadata": {}, "source": cheat, "outputs": [], "execution_count": None}
+    )
     write("frank_01_tokenisation.ipynb", frank)
 
     write("gina_01_tokenisation.ipynb", '{"cells": [ this is not json')
-    hank = replace_in_cell(complete, "def get_pair_counts(", "def get_pair_counts(", "def count_pairs(")
+    hank = replace_in_cell(complete, "def pair_counts(", "def pair_counts(", "def count_pairs(")
     write("hank_01_tokenisation.ipynb", hank)
-    ivan = replace_in_cell(complete, "def merge_pair(", "    out: list[int] = []", "    if pair == (0, 0):\n        return list(ids)\n    out: list[int] = []")
+    ivan = replace_in_cell(
+        complete,
+        "def merge_pair(",
+        "    out: list[int] = []",
+        "    if pair == (0, 0):\n        return list(ids)\n    out: list[int] = []",
+    )
     write("ivan_01_tokenisation.ipynb", ivan)
 
 
@@ -76,7 +94,7 @@ def extra_merge_pair(fn):
 """
 
 EXPECTED = """\
-student,lab,get_pair_counts,merge_pair,train_bpe,bpe_encode,bpe_decode,total,max
+student,lab,pair_counts,merge_pair,train_bpe,bpe_encode,bpe_decode,total,max
 alice,01,1,1,1,1,1,5,5
 bob,01,0,0,0,0,0,0,5
 carol,01,1,1,0,0,0,2,5
@@ -114,13 +132,13 @@ def feedback(graded, student: str) -> str:
     "student, phrases",
     [
         ("alice", ["Total: 5/5"]),
-        ("bob", ["⏳ get_pair_counts (0/1): not implemented yet"]),
+        ("bob", ["⏳ pair_counts (0/1): not implemented yet"]),
         ("carol", ["✅ merge_pair (1/1)", "⏳ train_bpe"]),
         ("dave", ["no function named train_bpe", "SyntaxError"]),
         ("erin", ["❌ bpe_decode (0/1)", "TimeoutError", "time limit and was interrupted"]),
         ("frank", ["⏳ bpe_decode (0/1): not implemented yet"]),
         ("gina", ["not a valid notebook", "JSONDecodeError"]),
-        ("hank", ["no function named get_pair_counts", "NameError"]),
+        ("hank", ["no function named pair_counts", "NameError"]),
         ("ivan", ["failed a private test case", "expected [256, 0]"]),
     ],
 )
@@ -139,7 +157,12 @@ def test_time_per_submission_is_reported(graded):
 
 @pytest.mark.parametrize(
     "rel, expected",
-    [("alice_01_tokenisation.ipynb", "alice"), ("Jane Doe - 01_tokenisation.ipynb", "Jane Doe"), ("jdoe/01_tokenisation.ipynb", "jdoe"), ("01_tokenisation.ipynb", "01_tokenisation")],
+    [
+        ("alice_01_tokenisation.ipynb", "alice"),
+        ("Jane Doe - 01_tokenisation.ipynb", "Jane Doe"),
+        ("jdoe/01_tokenisation.ipynb", "jdoe"),
+        ("01_tokenisation.ipynb", "01_tokenisation"),
+    ],
 )
 def test_student_names_from_file_names(tmp_path, rel, expected):
     labs = {"01": "01_tokenisation"}
@@ -153,6 +176,11 @@ def test_network_is_refused_inside_graded_kernels(tmp_path):
     import subprocess
     import sys
 
-    code = "import socket\ntry:\n    socket.create_connection(('192.0.2.1', 80), timeout=1)\nexcept OSError as e:\n    print(e)"
-    out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(script)}, capture_output=True, text=True, timeout=60)
+    code = (
+        "import socket\ntry:\n    socket.create_connection(('192.0.2.1', 80), timeout=1)\n"
+        "except OSError as e:\n    print(e)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={"PYTHONPATH": str(script)}, capture_output=True, text=True, timeout=60
+    )
     assert "network access is disabled while grading" in out.stdout

@@ -95,7 +95,9 @@ def test_tiktoken_works_offline_with_a_fresh_cache(tmp_path, root):
         """
     )
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "cache"), "COURSE_SMOKE": "1"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 

@@ -11,16 +11,18 @@ from course_utils import measure
 
 
 def small(**overrides) -> gpt.GPTConfig:
-    return gpt.GPTConfig(**{"vocab_size": 61, "context_length": 32, "n_layer": 2, "n_head": 4, "n_embd": 32, **overrides})
+    return gpt.GPTConfig(
+        **{"vocab_size": 61, "context_length": 32, "n_layer": 2, "n_head": 4, "n_embd": 32, **overrides}
+    )
 
 
 def test_gpt2_small_has_the_published_parameter_count():
     with torch.device("meta"):
         model = gpt.GPT(gpt.GPTConfig.gpt2_small())
-    assert model.num_parameters() == 124_439_808
+    assert model.num_parameters() == gpt.GPT2_SMALL_PARAMETERS == 124_439_808  # the published count
     c = model.config
     assert model.num_parameters(non_embedding=True) == c.n_layer * (12 * c.n_embd**2 + 13 * c.n_embd) + 2 * c.n_embd
-    assert model.flops_per_token(1024) == 6 * (124_439_808 - 1024 * 768) + 12 * 12 * 768 * 1024
+    assert model.flops_per_token(1024) == 6 * (gpt.GPT2_SMALL_PARAMETERS - 1024 * 768) + 12 * 12 * 768 * 1024
 
 
 def test_padded_vocabulary_is_cut_from_the_logits():
@@ -124,7 +126,9 @@ def test_sliding_window_generation_beyond_the_context():
 
 def test_gpt2_weights_convert_with_identical_logits():
     transformers = pytest.importorskip("transformers")
-    hf_config = transformers.GPT2Config(vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    hf_config = transformers.GPT2Config(
+        vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+    )
     torch.manual_seed(3)
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
     ours = gpt.GPT.from_gpt2_state_dict(hf.state_dict(), small()).eval()

@@ -1,6 +1,6 @@
 import json
 
-from course_utils import publish
+from course_utils import lab, publish
 
 
 def test_committed_notebooks_match_the_repository_constant(root, capsys):
@@ -10,7 +10,7 @@ def test_committed_notebooks_match_the_repository_constant(root, capsys):
 def test_one_edit_moves_every_badge_and_install_cell(root, monkeypatch):
     path = root / "notebooks" / "01_tokenisation.ipynb"
     nb = json.loads(path.read_text(encoding="utf-8"))
-    monkeypatch.setattr(publish, "REPOSITORY", "someone/new-home")
+    monkeypatch.setattr(lab, "REPOSITORY", "someone/new-home")
     assert publish.rewrite_notebook(nb, "notebooks/01_tokenisation.ipynb")
     text = json.dumps(nb)
     assert "someone/new-home/blob/main/notebooks/01_tokenisation.ipynb" in text
@@ -23,4 +23,6 @@ def test_readme_badges_point_at_the_repository(root):
     readme = (root / "README.md").read_text(encoding="utf-8")
     for path in sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         assert publish.colab_url(f"notebooks/{path.name}") in readme, f"README has no link to {path.name}"
-        assert publish.colab_url(f"notebooks/student/{path.name}") in readme, f"README has no badge for the student copy of {path.name}"
+        assert publish.colab_url(f"notebooks/student/{path.name}") in readme, (
+            f"README has no badge for the student copy of {path.name}"
+        )

@@ -22,9 +22,10 @@ def test_release_is_idempotent(tmp_path):
 
 
 def test_stub_keeps_indentation_and_names_the_exercise():
-    source = "def f(x):\n    \"\"\"doc\"\"\"\n    ### BEGIN SOLUTION\n    return x\n    ### END SOLUTION\n\nprint(1)"
+    source = 'def f(x):\n    """doc"""\n    ### BEGIN SOLUTION\n    return x\n    ### END SOLUTION\n\nprint(1)'
     assert release.strip_solutions(source) == (
-        'def f(x):\n    """doc"""\n    # YOUR CODE HERE\n    raise NotImplementedError("exercise f: write your solution here")\n\nprint(1)'
+        'def f(x):\n    """doc"""\n    # YOUR CODE HERE\n'
+        '    raise NotImplementedError("exercise f: write your solution here")\n\nprint(1)'
     )
 
 
@@ -57,7 +58,9 @@ def test_student_copy_differs_only_in_solutions_badge_and_setup(path):
             assert a_src == b_src
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "notebooks" / "student").glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "notebooks" / "student").glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.name
+)
 def test_student_copies_fail_every_check_as_not_implemented(path):
     namespace = notebook_namespace(path, "# YOUR CODE HERE")
     lab_exercises = exercises(path.name[:2])

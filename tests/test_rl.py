@@ -12,13 +12,13 @@ from course_utils.rl import RLError
 
 
 def test_reward_checks_the_final_answer_and_the_format():
-    assert rl.reward("Ann was born in 1950. 1990 - 1950 = 40. The answer is 40.", "40") == pytest.approx(1.1)
-    assert rl.reward("The answer is Tara Voss", "tara voss.") == pytest.approx(1.1)  # case, punctuation
-    assert rl.reward("1990 - 1950 = 41. The answer is 41.", "40") == pytest.approx(0.1)  # well formed, wrong
-    assert rl.reward("The answer is 40. Then she went to the park.", "40") == 0.0  # must end with the answer
-    assert rl.reward("It is 40.", "40") == 0.0
-    assert rl.reward("The answer is 400.", "40") == pytest.approx(0.1)
-    assert rl.reward("The answer is 40.", "40", format_bonus=0.0) == 1.0
+    assert rl.reasoning_reward("Ann was born in 1950. 1990 - 1950 = 40. The answer is 40.", "40") == pytest.approx(1.1)
+    assert rl.reasoning_reward("The answer is Tara Voss", "tara voss.") == pytest.approx(1.1)  # case, punctuation
+    assert rl.reasoning_reward("1990 - 1950 = 41. The answer is 41.", "40") == pytest.approx(0.1)  # well formed, wrong
+    assert rl.reasoning_reward("The answer is 40. Then she went to the park.", "40") == 0.0  # must end with the answer
+    assert rl.reasoning_reward("It is 40.", "40") == 0.0
+    assert rl.reasoning_reward("The answer is 400.", "40") == pytest.approx(0.1)
+    assert rl.reasoning_reward("The answer is 40.", "40", format_bonus=0.0) == 1.0
     assert rl.extract_answer("so Tara is older. The answer is Tara Voss.") == "Tara Voss"
     assert rl.extract_answer("The answer is") is None
 
@@ -28,7 +28,7 @@ def test_problem_prompts_match_the_worked_answers_the_sft_model_saw():
     problem = w.reasoning_problems("sft", 5, seed=0)[0]
     item = sft.reasoning_items(w, "sft", 5, seed=0)[0]
     assert rl.problem_conversation(problem) == item.conversation[:1]
-    assert rl.reward(item.conversation[1]["content"], problem["answer"]) == pytest.approx(1.1)
+    assert rl.reasoning_reward(item.conversation[1]["content"], problem["answer"]) == pytest.approx(1.1)
 
 
 # -- the toy problem ---------------------------------------------------------------------------
@@ -106,7 +106,9 @@ def test_grpo_loss_by_hand():
     # padding never counts: changing a masked-out slot changes nothing
     logp2 = logp.clone()
     logp2[1, 2] = -20.0
-    assert rl.grpo_loss(logp2, old, ref, adv, mask)[0].item() == pytest.approx(rl.grpo_loss(logp, old, ref, adv, mask)[0].item())
+    assert rl.grpo_loss(logp2, old, ref, adv, mask)[0].item() == pytest.approx(
+        rl.grpo_loss(logp, old, ref, adv, mask)[0].item()
+    )
     with pytest.raises(RLError, match="one per reply"):
         rl.grpo_loss(logp, logp, logp, torch.ones(3), mask)
 
@@ -137,14 +139,31 @@ def tiny_model(vocab: int) -> GPT:
     return GPT(GPTConfig(vocab_size=vocab, context_length=96, n_layer=1, n_head=2, n_embd=32))
 
 
-PROBLEMS = [{"question": "Who is older, Ann Bell or Tom Dale?", "facts": ["Ann Bell was born on May 1, 1950."], "answer": "Ann Bell"},
-            {"question": "How old was Tom Dale in 1990?", "facts": ["Tom Dale was born on June 2, 1961."], "answer": "29"}]
+PROBLEMS = [
+    {
+        "question": "Who is older, Ann Bell or Tom Dale?",
+        "facts": ["Ann Bell was born on May 1, 1950."],
+        "answer": "Ann Bell",
+    },
+    {"question": "How old was Tom Dale in 1990?", "facts": ["Tom Dale was born on June 2, 1961."], "answer": "29"},
+]
 
 
 def test_rollouts_mark_exactly_the_reply_tokens(chat_tok):
     model = tiny_model(chat_tok.n_vocab)
     gen = torch.Generator().manual_seed(0)
-    samples = rl.sample_replies(model, chat_tok, [rl.problem_conversation(p) for p in PROBLEMS], n=3, max_new_tokens=8, generator=gen)
+    samples = [
+        (r.prompt, r.reply, r.text)
+        for r in sft.sample_replies(
+            model,
+            chat_tok,
+            [rl.problem_conversation(p) for p in PROBLEMS],
+            n=3,
+            max_new_tokens=8,
+            temperature=1.0,
+            generator=gen,
+        )
+    ]
     assert len(samples) == 6 and samples[0][0] == samples[2][0] != samples[3][0]
     gen = torch.Generator().manual_seed(0)
     roll = rl.rollout(model, chat_tok, PROBLEMS, group_size=3, max_new_tokens=8, generator=gen)
@@ -168,7 +187,9 @@ def test_grpo_raises_reward_and_leaves_the_reference_untouched(chat_tok):
     def likes_e(text, answer):
         return text.count("e") / max(1, len(text))
 
-    cfg = rl.GRPOConfig(steps=30, prompts_per_step=2, group_size=8, lr=3e-2, beta=0.0, max_new_tokens=6, eval_every=0, seed=0)
+    cfg = rl.GRPOConfig(
+        steps=30, prompts_per_step=2, group_size=8, lr=3e-2, beta=0.0, max_new_tokens=6, eval_every=0, seed=0
+    )
     trained, history = rl.grpo(model, chat_tok, PROBLEMS, PROBLEMS, cfg, progress=False, reward_fn=likes_e)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the reference is frozen
     assert history[0]["step"] == 0 and "accuracy" in history[0] and "accuracy" in history[-1]
@@ -182,7 +203,9 @@ def test_equal_rewards_and_no_kl_leave_the_policy_unchanged(chat_tok):
     model = tiny_model(chat_tok.n_vocab)
     cfg = rl.GRPOConfig(steps=2, prompts_per_step=2, group_size=4, lr=1e-2, beta=0.0, max_new_tokens=4, eval_every=0)
     trained, history = rl.grpo(model, chat_tok, PROBLEMS, PROBLEMS, cfg, progress=False, reward_fn=lambda t, a: 1.0)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values(), strict=True)
+    )
     assert all(h["reward"] == 1.0 for h in history[1:])
     with pytest.raises(RLError, match="group_size"):
         rl.grpo(model, chat_tok, PROBLEMS, PROBLEMS, rl.GRPOConfig(group_size=1), progress=False)
@@ -198,15 +221,45 @@ def test_shipped_gsm8k_problems_have_numeric_answers():
 def test_grpo_resumes_exactly_and_refuses_other_settings(chat_tok, tmp_path):
     cfg = rl.GRPOConfig(steps=4, prompts_per_step=1, group_size=3, lr=1e-2, max_new_tokens=5, eval_every=2)
     likes_e = lambda text, answer: text.count("e") / max(1, len(text))  # noqa: E731
-    straight, history = rl.grpo(tiny_model(chat_tok.n_vocab), chat_tok, PROBLEMS, PROBLEMS, cfg, progress=False, reward_fn=likes_e)
+    straight, history = rl.grpo(
+        tiny_model(chat_tok.n_vocab), chat_tok, PROBLEMS, PROBLEMS, cfg, progress=False, reward_fn=likes_e
+    )
     first_half = rl.GRPOConfig(**{**vars(cfg), "steps": 2})
-    rl.grpo(tiny_model(chat_tok.n_vocab), chat_tok, PROBLEMS, PROBLEMS, first_half, out_dir=tmp_path, progress=False, reward_fn=likes_e)
+    rl.grpo(
+        tiny_model(chat_tok.n_vocab),
+        chat_tok,
+        PROBLEMS,
+        PROBLEMS,
+        first_half,
+        out_dir=tmp_path,
+        progress=False,
+        reward_fn=likes_e,
+    )
     torch.manual_seed(123)  # a session that starts afresh has other random states; the checkpoint restores them
-    resumed, history2 = rl.grpo(tiny_model(chat_tok.n_vocab), chat_tok, PROBLEMS, PROBLEMS, cfg, out_dir=tmp_path, progress=False, reward_fn=likes_e)
+    resumed, history2 = rl.grpo(
+        tiny_model(chat_tok.n_vocab),
+        chat_tok,
+        PROBLEMS,
+        PROBLEMS,
+        cfg,
+        out_dir=tmp_path,
+        progress=False,
+        reward_fn=likes_e,
+    )
     assert history2 == history
-    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True)
+    )
     with pytest.raises(RLError, match="other settings"):
-        rl.grpo(tiny_model(chat_tok.n_vocab), chat_tok, PROBLEMS, PROBLEMS, rl.GRPOConfig(**{**vars(cfg), "lr": 1e-3}), out_dir=tmp_path, progress=False)
+        rl.grpo(
+            tiny_model(chat_tok.n_vocab),
+            chat_tok,
+            PROBLEMS,
+            PROBLEMS,
+            rl.GRPOConfig(**{**vars(cfg), "lr": 1e-3}),
+            out_dir=tmp_path,
+            progress=False,
+        )
     (tmp_path / "grpo.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RLError, match="damaged"):
         rl.grpo(tiny_model(chat_tok.n_vocab), chat_tok, PROBLEMS, PROBLEMS, cfg, out_dir=tmp_path, progress=False)
@@ -215,8 +268,27 @@ def test_grpo_resumes_exactly_and_refuses_other_settings(chat_tok, tmp_path):
 def test_command_line_run_writes_its_summary(tmp_path):
     import json
 
-    assert rl.main(["--out-dir", str(tmp_path), "--steps", "1", "--prompts-per-step", "1", "--group-size", "2", "--n-eval", "3",
-                    "--device", "cpu"]) == 0
+    from course_utils.recipes import grpo as recipe
+
+    assert (
+        recipe.main(
+            [
+                "--out-dir",
+                str(tmp_path),
+                "--steps",
+                "1",
+                "--prompts-per-step",
+                "1",
+                "--group-size",
+                "2",
+                "--n-eval",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["config"]["steps"] == 1 and 0 <= summary["accuracy_after"] <= 1
     assert set(summary["pass_at_k_before"]) == {"1", "4", "16"}

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 
 from course_utils import scaling
-from course_utils.scaling import CHINCHILLA, chinchilla_loss, fit_chinchilla, fit_power_law, isoflop_minimum, optimal_allocation
+from course_utils.scaling import (
+    CHINCHILLA,
+    chinchilla_loss,
+    fit_chinchilla,
+    fit_power_law,
+    isoflop_vertex,
+    optimal_allocation,
+)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -25,10 +32,10 @@ def test_power_law_is_exact_on_a_power_law_and_rejects_non_positive_values():
 
 def test_isoflop_vertex_and_a_budget_without_a_minimum():
     n = np.geomspace(1e5, 1e8, 7)
-    n_opt, _ = isoflop_minimum(n, 2.0 + 0.1 * (np.log(n) - np.log(3e6)) ** 2)
+    n_opt, _ = isoflop_vertex(n, 2.0 + 0.1 * (np.log(n) - np.log(3e6)) ** 2)
     assert n_opt == pytest.approx(3e6, rel=1e-6)
     with pytest.raises(ValueError, match="no minimum"):
-        isoflop_minimum(n, 3.0 - 0.1 * np.log(n))
+        isoflop_vertex(n, 3.0 - 0.1 * np.log(n))
 
 
 def test_optimal_allocation_minimises_the_loss_at_fixed_compute():
@@ -53,11 +60,10 @@ def test_sweep_csv_round_trip_and_bad_files(tmp_path):
 def test_lab05_checks_accept_the_reference_and_reject_mistakes():
     import torch
 
-    from course_utils import checks_lab05
     from course_utils.checks import FAILED, PASSED, evaluate
 
     def objective(theta, log_n, log_d, log_loss, delta):
-        return checks_lab05._reference_objective(theta, log_n, log_d, log_loss, delta)
+        return scaling.huber_log_objective(theta, log_n, log_d, log_loss, delta)
 
     def squared(theta, log_n, log_d, log_loss, delta):  # least squares, not Huber
         e, a, b, alpha, beta = theta
@@ -65,9 +71,13 @@ def test_lab05_checks_accept_the_reference_and_reject_mistakes():
         return ((pred - log_loss) ** 2).sum()
 
     assert evaluate("fit_power_law", fit_power_law).status == PASSED
-    assert evaluate("fit_power_law", lambda x, y: tuple(np.polyfit(np.log(x), np.log(y), 1))).status == FAILED  # (slope, intercept)
-    assert evaluate("isoflop_vertex", lambda n, loss: isoflop_minimum(n, loss)[0]).status == PASSED
-    assert evaluate("isoflop_vertex", lambda n, loss: float(n[np.argmin(loss)])).status == FAILED  # the best run, not the vertex
+    assert (
+        evaluate("fit_power_law", lambda x, y: tuple(np.polyfit(np.log(x), np.log(y), 1))).status == FAILED
+    )  # (slope, intercept)
+    assert evaluate("isoflop_vertex", lambda n, loss: isoflop_vertex(n, loss)[0]).status == PASSED
+    assert (
+        evaluate("isoflop_vertex", lambda n, loss: float(n[np.argmin(loss)])).status == FAILED
+    )  # the best run, not the vertex
     assert evaluate("huber_log_objective", objective).status == PASSED
     verdict = evaluate("huber_log_objective", squared)
     assert verdict.status == FAILED and "Huber" in verdict.message
@@ -77,9 +87,22 @@ def test_a_sweep_records_its_runs_resumes_from_its_csv_and_leaves_no_logs(tmp_pa
     monkeypatch.chdir(tmp_path)
     tokens = np.random.default_rng(0).integers(0, 64, 30_000).astype(np.uint16)
     runs = scaling.isoflop_runs([2e8], [(1, 16), (1, 32)], head_dim=16)
-    rows = scaling.run_sweep(runs, tokens, tokens, 64, context_length=16, batch_size=4, eval_batches=2, device="cpu", out="s.csv", progress=False)
+    rows = scaling.run_sweep(
+        runs,
+        tokens,
+        tokens,
+        64,
+        context_length=16,
+        batch_size=4,
+        eval_batches=2,
+        device="cpu",
+        out="s.csv",
+        progress=False,
+    )
     assert [r["n_embd"] for r in rows] == [16, 32] and all(r["flops"] == pytest.approx(2e8, rel=0.05) for r in rows)
     assert rows[0]["tokens"] > rows[1]["tokens"]  # same compute: the smaller model sees more tokens
-    again = scaling.run_sweep(runs, tokens, tokens, 64, context_length=16, batch_size=4, device="cpu", out="s.csv", progress=False)
+    again = scaling.run_sweep(
+        runs, tokens, tokens, 64, context_length=16, batch_size=4, device="cpu", out="s.csv", progress=False
+    )
     assert again == scaling.load_sweep("s.csv")  # read back, not retrained
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.csv"]

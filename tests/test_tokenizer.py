@@ -25,7 +25,23 @@ def mixed_tok():
     """A tokenizer whose vocabulary has numbers, CJK, emoji and punctuation runs, which the
     TinyStories one lacks, so that the property tests exercise every branch of the split."""
     rng = random.Random(0)
-    words = ["12345", "2024", "987", "漢字", "かな", "👍🏽", "don't", "WE'LL", "...", "!!", "\r\n", "  ", "\t\t", "é", "Ωmega"]
+    words = [
+        "12345",
+        "2024",
+        "987",
+        "漢字",
+        "かな",
+        "👍🏽",
+        "don't",
+        "WE'LL",
+        "...",
+        "!!",
+        "\r\n",
+        "  ",
+        "\t\t",
+        "é",
+        "Ωmega",
+    ]
     corpus = [" ".join(rng.choice(words) + str(rng.randint(0, 99999)) for _ in range(200)) for _ in range(30)]
     return bpe.train_bpe_fast(corpus, 1200)
 
@@ -99,9 +115,36 @@ def test_empty_corpus_and_tiny_vocab_are_clear_errors(train):
 # Pieces that stress the regex split and UTF-8: emoji (with ZWJ and skin tones), CJK, combining
 # marks, runs of spaces and newlines, \r\n, control characters, digits, contractions, specials.
 TRICKY = [
-    "👩‍👩‍👧", "👍🏽", "漢字かな", "한국어", "e\u0301", "Å", "  ", "   \n", "\n\n\n", "\r\n", "\t", "\x00", "\x1c", "\x7f",
-    "\u00a0", "\u2028", "\u200b", "12345", "٣٤٥", "don't", "WE'LL", "'s", "!!!", "...", " ?", "\ufeff", "Ω", "x" * 40,
+    "👩‍👩‍👧",
+    "👍🏽",
+    "漢字かな",
+    "한국어",
+    "e\u0301",
+    "Å",
+    "  ",
+    "   \n",
+    "\n\n\n",
+    "\r\n",
+    "\t",
+    "\x00",
+    "\x1c",
+    "\x7f",
+    "\u00a0",
+    "\u2028",
+    "\u200b",
+    "12345",
+    "٣٤٥",
+    "don't",
+    "WE'LL",
+    "'s",
+    "!!!",
+    "...",
+    " ?",
+    "\ufeff",
+    "Ω",
+    "x" * 40,
 ]
+
 
 def _texts(categories_out: tuple[str, ...]):
     chars = st.characters(blacklist_categories=categories_out)
@@ -188,7 +231,10 @@ def test_save_load_round_trip(tmp_path, course_tok):
         ('{"format": "something-else", "version": 1}', "not a course tokenizer"),
         (json.dumps({"format": bpe.FILE_FORMAT, "version": 99, "pattern": None, "merges": []}), "upgrade course_utils"),
         (json.dumps({"format": bpe.FILE_FORMAT, "version": 0, "pattern": None, "merges": []}), "re-create"),
-        (json.dumps({"format": bpe.FILE_FORMAT, "version": 1, "pattern": None, "merges": [[300, 1]]}), "only ids below 256"),
+        (
+            json.dumps({"format": bpe.FILE_FORMAT, "version": 1, "pattern": None, "merges": [[300, 1]]}),
+            "only ids below 256",
+        ),
         (json.dumps({"format": bpe.FILE_FORMAT, "version": 1, "pattern": "(", "merges": []}), "damaged"),
         (json.dumps({"format": bpe.FILE_FORMAT, "version": 1, "pattern": None}), "damaged"),
     ],

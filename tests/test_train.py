@@ -9,31 +9,43 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL_FLAGS
 
 from course_utils import data
 from course_utils import tokenizer as bpe
+from course_utils.artefacts import load_checkpoint, save_checkpoint
+from course_utils.model import GPTConfig
 from course_utils.train import (
+    CHECKPOINT_FORMAT,
     TrainConfig,
     Trainer,
     TrainingError,
     configure_optimizer,
-    cosine_lr,
-    load_checkpoint,
-    save_checkpoint,
+    warmup_cosine_lr,
 )
 
 VOCAB = 97
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, 20_000).astype(np.uint16)
 
 
-def tiny(out_dir, **overrides) -> TrainConfig:
-    settings = dict(out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=32, context_length=16, batch_size=4, max_steps=8,
-                    warmup_steps=2, lr=1e-2, eval_every=0, checkpoint_every=0, seed=5, device="cpu")
-    return TrainConfig(**{**settings, **overrides})
+def tiny(out_dir, n_embd: int = 32, **overrides) -> TrainConfig:
+    settings = dict(
+        out_dir=str(out_dir),
+        batch_size=4,
+        max_steps=8,
+        warmup_steps=2,
+        lr=1e-2,
+        eval_every=0,
+        checkpoint_every=0,
+        seed=5,
+        device="cpu",
+    )
+    model = GPTConfig(vocab_size=VOCAB, context_length=16, n_layer=2, n_head=2, n_embd=n_embd)
+    return TrainConfig(model=model, **{**settings, **overrides})
 
 
 def test_warmup_then_cosine():
-    lr = [cosine_lr(s, max_lr=1.0, warmup_steps=10, max_steps=110, min_lr=0.1) for s in range(120)]
+    lr = [warmup_cosine_lr(s, max_lr=1.0, warmup_steps=10, max_steps=110, min_lr=0.1) for s in range(120)]
     assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
     assert all(a <= b for a, b in zip(lr[:9], lr[1:10], strict=True))  # rising during warm-up
     assert all(a >= b for a, b in zip(lr[10:109], lr[11:110], strict=True))  # then falling
@@ -41,23 +53,31 @@ def test_warmup_then_cosine():
 
 
 def test_weight_decay_only_on_matrices():
-    trainer = Trainer(tiny("/tmp/unused"), TOKENS, TOKENS, VOCAB)
+    trainer = Trainer(tiny("/tmp/unused"), TOKENS, TOKENS)
     decay, no_decay = configure_optimizer(trainer.model, 1e-3, 0.1, (0.9, 0.95), "cpu").param_groups
     names = {id(p): n for n, p in trainer.model.named_parameters()}
-    assert all(names[id(p)].endswith("weight") and "ln" not in names[id(p)] and "wte" not in names[id(p)] for p in decay["params"])
-    assert {names[id(p)] for p in no_decay["params"]} >= {"wte.weight", "wpe.weight", "ln_f.weight", "h.0.attn.c_attn.bias"}
+    assert all(
+        names[id(p)].endswith("weight") and "ln" not in names[id(p)] and "wte" not in names[id(p)]
+        for p in decay["params"]
+    )
+    assert {names[id(p)] for p in no_decay["params"]} >= {
+        "wte.weight",
+        "wpe.weight",
+        "ln_f.weight",
+        "h.0.attn.c_attn.bias",
+    }
 
 
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    straight = Trainer(tiny(tmp_path / "a"), TOKENS, TOKENS, VOCAB)
+    straight = Trainer(tiny(tmp_path / "a"), TOKENS, TOKENS)
     losses = [row["loss"] for row in straight.fit(progress=False)]
 
-    first = Trainer(tiny(tmp_path / "b", checkpoint_every=3), TOKENS, TOKENS, VOCAB)
+    first = Trainer(tiny(tmp_path / "b", checkpoint_every=3), TOKENS, TOKENS)
     first.fit(until=3, progress=False)  # checkpoint at step 3
     first.save = lambda: None
     first.fit(until=5, progress=False)  # two more steps, logged but never checkpointed
     del first  # as if the session had dropped
-    second = Trainer(tiny(tmp_path / "b"), TOKENS, TOKENS, VOCAB)
+    second = Trainer(tiny(tmp_path / "b"), TOKENS, TOKENS)
     assert second.resume() and second.step == 3
     resumed = [row["loss"] for row in second.fit(progress=False)]
     assert resumed == losses[3:]
@@ -78,26 +98,26 @@ def test_killed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"format": 1, "step": 2})
-    assert load_checkpoint(path)["step"] == 1
+    assert load_checkpoint(path, 1)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
 def test_damaged_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(TrainingError, match="damaged"):
-        Trainer(tiny(tmp_path), TOKENS, TOKENS, VOCAB).resume()
+        Trainer(tiny(tmp_path), TOKENS, TOKENS).resume()
 
 
 def test_resuming_another_model_or_tokenizer_is_refused(tmp_path):
-    Trainer(tiny(tmp_path, checkpoint_every=1), TOKENS, TOKENS, VOCAB, tokenizer_id="A").fit(until=1, progress=False)
+    Trainer(tiny(tmp_path, checkpoint_every=1), TOKENS, TOKENS, tokenizer_id="A").fit(until=1, progress=False)
     with pytest.raises(TrainingError, match="another model"):
-        Trainer(tiny(tmp_path, n_embd=64), TOKENS, TOKENS, VOCAB, tokenizer_id="A").resume()
+        Trainer(tiny(tmp_path, n_embd=64), TOKENS, TOKENS, tokenizer_id="A").resume()
     with pytest.raises(TrainingError, match="another tokenizer"):
-        Trainer(tiny(tmp_path), TOKENS, TOKENS, VOCAB, tokenizer_id="B").resume()
+        Trainer(tiny(tmp_path), TOKENS, TOKENS, tokenizer_id="B").resume()
 
 
 def test_nan_loss_stops_with_advice(tmp_path):
-    trainer = Trainer(tiny(tmp_path), TOKENS, TOKENS, VOCAB)
+    trainer = Trainer(tiny(tmp_path), TOKENS, TOKENS)
     forward = trainer.net.forward
     trainer.net.forward = lambda x, y: (lambda out: (out[0], out[1] * float("nan")))(forward(x, y))
     with pytest.raises(TrainingError, match="at step 0.*Lower lr"):
@@ -106,7 +126,7 @@ def test_nan_loss_stops_with_advice(tmp_path):
 
 def test_corpus_too_short_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="lower seq_len"):
-        Trainer(tiny(tmp_path), TOKENS[:10], TOKENS, VOCAB)
+        Trainer(tiny(tmp_path), TOKENS[:10], TOKENS)
 
 
 def test_token_cache_is_rebuilt_when_the_tokenizer_changes(tmp_path, data_dir):
@@ -124,11 +144,13 @@ DDP_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     import numpy as np
+    from course_utils.model import GPTConfig
     from course_utils.train import TrainConfig, Trainer
     tokens = np.random.default_rng(0).integers(0, 97, 20_000).astype(np.uint16)
-    cfg = TrainConfig(out_dir=sys.argv[1], n_layer=2, n_head=2, n_embd=32, context_length=16, batch_size=int(sys.argv[2]),
-                      max_steps=6, warmup_steps=2, lr=1e-2, eval_every=0, checkpoint_every=0, seed=5, device="cpu")
-    trainer = Trainer(cfg, tokens, tokens, 97)
+    model = GPTConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, context_length=16)
+    cfg = TrainConfig(model=model, out_dir=sys.argv[1], batch_size=int(sys.argv[2]), max_steps=6, warmup_steps=2,
+                      lr=1e-2, eval_every=0, checkpoint_every=0, seed=5, device="cpu")
+    trainer = Trainer(cfg, tokens, tokens)
     losses = [row["loss"] for row in trainer.fit(progress=False)]
     if trainer.rank == 0:
         json.dump(losses, open(os.path.join(sys.argv[1], "losses.json"), "w"))
@@ -140,11 +162,26 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     script = tmp_path / "run.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "8"], env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one"), "8"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "two"), "4"],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "two"),
+            "4",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert two.returncode == 0, two.stderr[-2000:]
     single = json.loads((tmp_path / "one" / "losses.json").read_text())
@@ -154,7 +191,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
 
 
 def test_out_of_memory_names_the_setting_to_lower(tmp_path):
-    trainer = Trainer(tiny(tmp_path), TOKENS, TOKENS, VOCAB)
+    trainer = Trainer(tiny(tmp_path), TOKENS, TOKENS)
 
     def no_memory(x, y):
         raise torch.OutOfMemoryError("CUDA out of memory")
@@ -165,8 +202,8 @@ def test_out_of_memory_names_the_setting_to_lower(tmp_path):
 
 
 def test_samples_during_training_leave_the_run_unchanged(tmp_path):
-    plain = [r["loss"] for r in Trainer(tiny(tmp_path / "a"), TOKENS, TOKENS, VOCAB).fit(progress=False)]
-    trainer = Trainer(tiny(tmp_path / "b", sample_every=4), TOKENS, TOKENS, VOCAB)
+    plain = [r["loss"] for r in Trainer(tiny(tmp_path / "a"), TOKENS, TOKENS).fit(progress=False)]
+    trainer = Trainer(tiny(tmp_path / "b", sample_every=4), TOKENS, TOKENS)
     sampled = [r["loss"] for r in trainer.fit(progress=False, decode=lambda ids: " ".join(map(str, ids)))]
     assert sampled == plain
     lines = (tmp_path / "b" / "samples.txt").read_text().splitlines()
@@ -181,7 +218,9 @@ def test_hub_source_streams_through_datasets(tmp_path, monkeypatch):
 
     def fake_load_dataset(name, split, streaming):
         calls.append((name, split, streaming))
-        return datasets.Dataset.from_dict({"text": ["Once upon a time.", "The end.", "Not taken."]}).to_iterable_dataset()
+        return datasets.Dataset.from_dict(
+            {"text": ["Once upon a time.", "The end.", "Not taken."]}
+        ).to_iterable_dataset()
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     tok = bpe.Tokenizer.load(data.data_dir() / "artefacts" / "tokenizer.json")
@@ -193,20 +232,20 @@ def test_hub_source_streams_through_datasets(tmp_path, monkeypatch):
         data.stories_dataset("train", source="web")
 
 
-def test_command_line_trains_on_the_world_mixture_and_resumes(tmp_path, data_dir, capsys):
-    """``python -m course_utils.train`` as a user types it: the stories mixed with the world's biographies."""
+def test_command_line_trains_and_resumes(tmp_path, data_dir, capsys):
+    """``python -m course_utils.train`` as a user types it, on the TinyStories subset."""
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "course_utils.train", "--out-dir", str(out), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
-            "--context-length", "32", "--batch-size", "4", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "1",
-            "--checkpoint-every", "2", "--tokenizer", str(data_dir / "artefacts" / "base_tokenizer.json"), "--world-fraction", "0.5"]
+    args = [sys.executable, "-m", "course_utils.train", "--out-dir", str(out), *TINY_MODEL_FLAGS]
+    args += ["--tokenizer", str(data_dir / "artefacts" / "tokenizer.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(args + ["--max-steps", "2"], capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     second = subprocess.run(args + ["--max-steps", "4"], capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from" in second.stdout and "step 4: validation loss" in second.stdout
-    assert load_checkpoint(out / "checkpoint.pt")["config"]["world_fraction"] == 0.5
+    state = load_checkpoint(out / "checkpoint.pt", CHECKPOINT_FORMAT)
+    assert state["config"]["model"]["n_embd"] == 32 and state["config"]["batch_size"] == 4
     from course_utils.train import main
 
-    assert main(args[3:] + ["--max-steps", "2", "--world-fraction", "1.5"]) == 1
-    assert "world_fraction=1.5" in capsys.readouterr().err
+    assert main(args[3:] + ["--max-steps", "2", "--n-head", "3"]) == 1  # 3 heads cannot split 32 dimensions
+    assert "n_head=3 must divide n_embd=32" in capsys.readouterr().err

@@ -17,7 +17,13 @@ def w():
 
 def test_same_seed_same_bytes_even_in_another_process(w):
     code = "from course_utils.world import make_world; import sys; sys.stdout.write(make_world(0).to_json())"
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "12345", "PATH": ""}).stdout
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "12345", "PATH": ""},
+    ).stdout
     assert other == w.to_json() == make_world(0).to_json()
     assert make_world(1).to_json() != w.to_json()
 
@@ -36,7 +42,15 @@ def test_every_biography_states_every_fact_of_its_person_and_no_one_else(w):
     for p in w.people[::25]:
         assert len(p.biographies) == 5 and len(set(p.biographies)) > 1  # paraphrased, not copies
         for bio in p.biographies:
-            for value in (p.birth_city, p.country, p.university, p.field, p.employer, str(p.birth_year), world.MONTHS[p.birth_month - 1]):
+            for value in (
+                p.birth_city,
+                p.country,
+                p.university,
+                p.field,
+                p.employer,
+                str(p.birth_year),
+                world.MONTHS[p.birth_month - 1],
+            ):
                 assert value in bio, (p.name, value, bio)
             assert p.name in bio
             assert [n for n in others if n in bio and n != p.name] == []
@@ -55,7 +69,9 @@ def test_closed_book_answers_are_facts_of_the_world(w):
     for item in items:
         person = w.person(item["name"])
         assert person.split == "heldout" and item["name"] in item["question"]
-        assert item["answer"] == {"birth_date": person.birth_date}.get(item["attribute"], getattr(person, item["attribute"], None))
+        assert item["answer"] == {"birth_date": person.birth_date}.get(
+            item["attribute"], getattr(person, item["attribute"], None)
+        )
 
 
 def test_reading_comprehension_context_holds_the_answer(w):
@@ -63,7 +79,10 @@ def test_reading_comprehension_context_holds_the_answer(w):
         person = w.person(item["name"])
         assert item["context"] in person.biographies
         if item["attribute"] == "birth_date":
-            assert str(person.birth_year) in item["context"] and f"{world.MONTHS[person.birth_month - 1]} {person.birth_day}" in item["context"]
+            assert (
+                str(person.birth_year) in item["context"]
+                and f"{world.MONTHS[person.birth_month - 1]} {person.birth_day}" in item["context"]
+            )
         else:
             assert item["answer"] in item["context"]
 
@@ -109,7 +128,13 @@ def test_bad_sizes_are_clear_errors(kwargs):
 
 def test_export_writes_every_file(tmp_path, w):
     paths = w.export(tmp_path)
-    assert {p.name for p in paths} >= {"world.json", "pretraining.jsonl", "closed_book_sft.jsonl", "document_store.jsonl", "reasoning.jsonl"}
+    assert {p.name for p in paths} >= {
+        "world.json",
+        "pretraining.jsonl",
+        "closed_book_sft.jsonl",
+        "document_store.jsonl",
+        "reasoning.jsonl",
+    }
     assert (tmp_path / "world.json").read_text(encoding="utf-8").strip() == w.to_json()
 
 
@@ -143,11 +168,16 @@ def test_base_tokenizer_is_reproducible_and_serves_the_names_better(data_dir, w)
     card = read_card(path)
     assert card["data_sha256"]["world_pretraining"] == w.pretraining_sha256()
     shipped = bpe.Tokenizer.load(path)
-    assert bpe.train_bpe_fast(data.tinystories("train") + w.pretraining_documents(), shipped.n_vocab).merges == shipped.merges
+    assert (
+        bpe.train_bpe_fast(data.tinystories("train") + w.pretraining_documents(), shipped.n_vocab).merges
+        == shipped.merges
+    )
     retrieval = [bio for p in w.split("retrieval") for bio in p.biographies]
     course = bpe.load_course_tokenizer(runs=data_dir / "no-runs", quiet=True)
     assert bpe.bytes_per_token(shipped, retrieval) > 1.4 * bpe.bytes_per_token(course, retrieval)
-    assert bpe.bytes_per_token(shipped, retrieval) == pytest.approx(card["metrics"]["bytes_per_token_world_retrieval"], abs=1e-3)
+    assert bpe.bytes_per_token(shipped, retrieval) == pytest.approx(
+        card["metrics"]["bytes_per_token_world_retrieval"], abs=1e-3
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,123 @@
+"""The reference SFT model (Labs 06–09): the base model fine-tuned on the SFT mixture of
+:func:`course_utils.sft.sft_items` with pretraining replay, stored in fp16 with its card. The
+defaults make the shipped model::
+
+    python -m course_utils.recipes.sft_model             # runs/sft, then data/artefacts/sft_model.pt
+
+The run resumes from ``OUT_DIR/checkpoint.pt`` when it was cut off (a folder holding a run with other
+data or settings is refused). The card records exact match on questions about the fine-tuning people,
+the held-out people and reading comprehension about unseen people, for this model and for the base
+model asked in the same format, and how often each closes its reply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..artefacts import file_sha256, load_model, save_model
+from ..data import tokenizer_fingerprint
+from ..lab import data_dir
+from ..sft import (
+    SFT_MODEL,
+    ChatFormatError,
+    chat_tokenizer,
+    evaluate_items,
+    evaluation_sets,
+    finetune,
+    format_compliance,
+    grow_vocabulary,
+    replay_documents,
+    reply,
+    sft_items,
+)
+from ..train import TrainingError
+from ..world import BASE_MODEL, load_base_model, make_world
+from . import finish
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Fine-tune the reference base model on the SFT mixture; write the SFT artefact and its card."
+    )
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--replay", type=float, default=0.25, help="share of each batch that is pretraining text")
+    parser.add_argument(
+        "--reading-documents",
+        type=int,
+        default=1,
+        help="up to this many biographies per reading item, one relevant "
+        "(distractors for RAG; needs the context to hold them)",
+    )
+    parser.add_argument("--n-eval", type=int, default=300, help="items per evaluation set on the card")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/sft"), help="checkpoints (a run resumes from here)")
+    parser.add_argument("--out", type=Path, default=None, help=f"default: data/artefacts/{SFT_MODEL}")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    world = make_world(0)
+    base, base_tokenizer = load_base_model()
+    tokenizer = chat_tokenizer(base_tokenizer)
+    items = sft_items(world, max_documents=args.reading_documents)
+    try:
+        trainer = finetune(
+            base,
+            tokenizer,
+            items,
+            args.out_dir,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            replay=replay_documents(world),
+            replay_fraction=args.replay,
+        )
+        resumed_at = trainer.step or None
+        t0 = time.perf_counter()
+        trainer.fit()
+        seconds = time.perf_counter() - t0
+    except (TrainingError, ChatFormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    out = args.out or data_dir() / "artefacts" / SFT_MODEL
+    size = save_model(trainer.model, out, tokenizer_id=tokenizer_fingerprint(tokenizer))
+    model = load_model(out, verify=False)  # measure what ships
+    grown_base = grow_vocabulary(base, tokenizer.n_vocab)
+    metrics: dict = {
+        "parameters": model.num_parameters(),
+        "file_bytes": size,
+        "model_sha256": file_sha256(out),
+        "steps": args.steps,
+        "resumed_at_step": resumed_at,
+        "train_seconds_this_run": round(seconds, 1),
+        "sft_examples": {k: sum(i.kind == k for i in items) for k in ("qa", "reading", "story", "reasoning")},
+        "replay_fraction": args.replay,
+        "replay_documents": len(replay_documents(world)),
+    }
+    sets = evaluation_sets(world, args.n_eval)
+    for name, subset in sets.items():
+        metrics[f"exact_match_{name}"] = round(evaluate_items(model, tokenizer, subset), 4)
+        metrics[f"base_exact_match_{name}"] = round(evaluate_items(grown_base, tokenizer, subset), 4)
+    heldout = [i.conversation[:-1] for i in sets["qa_heldout"]]
+    metrics["format_compliance_qa_heldout"] = round(format_compliance(model, tokenizer, heldout), 4)
+    metrics["base_format_compliance_qa_heldout"] = round(format_compliance(grown_base, tokenizer, heldout), 4)
+    prompts = [
+        "Where was " + world.split("heldout")[0].name + " born?",
+        'Write a short story that uses the words "happy", "garden" and "ball".',
+    ]
+    metrics["samples"] = {
+        p: reply(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens=150) for p in prompts
+    }
+    data = {
+        "world_pretraining": world.pretraining_sha256(),
+        "base_model": file_sha256(data_dir() / "artefacts" / BASE_MODEL),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    finish(out, module="sft_model", argv=argv, data=data, metrics=metrics, started=started)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
