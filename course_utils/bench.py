@@ -98,9 +98,9 @@ def training_throughput(
 
 def fast_settings(device: torch.device) -> dict:
     """Everything the engine turns on for this device."""
-    if device.type != "cuda":
-        return dict(attention="sdpa")
     precision = precision_for(device)
+    if device.type != "cuda":
+        return dict(attention="sdpa", precision=precision)
     return dict(attention="sdpa", precision=precision, tf32=precision == "bf16", compile=True, fused=True)
 
 

@@ -200,6 +200,7 @@ LAB_MODULES = (
     "course_utils.checks_lab04",
     "course_utils.checks_lab05",
     "course_utils.checks_lab06",
+    "course_utils.checks_lab07",
     "course_utils.checks_lab08",
     "course_utils.checks_lab09",
 )

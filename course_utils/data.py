@@ -191,7 +191,9 @@ class BatchSampler(SeededSampler):
     and the generator's state is the exact data position for resuming.
 
     ``tokens`` may also be a list of arrays with ``weights``: each window then comes from array ``i``
-    with probability ``weights[i]`` (a pretraining mixture), drawn from the same generator.
+    with probability ``weights[i]`` (a pretraining mixture), drawn from the same generator. ``fade``
+    maps an array's index to a number of batches over which its weight falls linearly to zero (a part
+    of the mixture that helps early and then gives its share back, annealed).
     """
 
     def __init__(
@@ -205,6 +207,7 @@ class BatchSampler(SeededSampler):
         rank: int = 0,
         world_size: int = 1,
         weights=None,
+        fade: dict[int, int] | None = None,
     ):
         import torch  # optional here: Lab 01 uses this module without torch
 
@@ -225,16 +228,30 @@ class BatchSampler(SeededSampler):
         )
         self.batch_size, self.seq_len = batch_size, seq_len
         self.rank, self.world_size = rank, world_size
+        self.fade, self.draws = dict(fade or {}), 0
+        if self.fade and (
+            self.weights is None or not all(0 <= i < len(self.sources) and n > 0 for i, n in self.fade.items())
+        ):
+            raise ValueError(f"fade={self.fade}: map indices of the mixture's arrays to a positive number of batches")
+
+    def weights_now(self):
+        """The mixture's weights for the next batch, faded ones lowered in proportion to the batches drawn."""
+        weights = self.weights.clone()
+        for i, until in self.fade.items():
+            weights[i] *= max(0.0, 1.0 - self.draws / until)
+        return weights
 
     def next(self):
         import torch  # optional here: Lab 01 uses this module without torch
 
         n = self.batch_size * self.world_size
+        self.draws += 1
         if self.weights is None:
             which = [0] * n
             starts = torch.randint(len(self.tokens) - self.seq_len - 1, (n,), generator=self.generator).tolist()
         else:
-            which = torch.multinomial(self.weights, n, replacement=True, generator=self.generator).tolist()
+            weights = self.weights_now() if self.fade else self.weights
+            which = torch.multinomial(weights, n, replacement=True, generator=self.generator).tolist()
             u = torch.rand(n, generator=self.generator).tolist()
             starts = [int(f * (len(self.sources[i]) - self.seq_len - 1)) for i, f in zip(which, u, strict=True)]
         mine = range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
@@ -251,6 +268,13 @@ class BatchSampler(SeededSampler):
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "draws": self.draws}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.draws = state.get("draws", 0)
+
 
 def pad_right(rows: Sequence[Sequence[int]], value: int, length: int | None = None):
     """Rows of different lengths as one (B, L) ``long`` tensor, each row padded on the right with
@@ -263,3 +287,32 @@ def pad_right(rows: Sequence[Sequence[int]], value: int, length: int | None = No
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Copy sequences: a part of a pretraining mixture that pays only for reading the context
+# ---------------------------------------------------------------------------------------------
+
+
+def common_tokens(tokens, n: int = 1000, exclude: Sequence[int] = (), sample: int = 2_000_000) -> np.ndarray:
+    """The ``n`` most frequent ids among the first ``sample`` tokens of ``tokens``, most frequent
+    first, leaving out ``exclude`` (special tokens): ordinary tokens, not rare ones."""
+    counts = np.bincount(np.asarray(tokens[:sample], dtype=np.int64), minlength=int(max(tokens[:sample])) + 1)
+    counts[list(exclude)] = 0
+    return np.argsort(-counts, kind="stable")[:n]
+
+
+def copy_sequences(
+    vocabulary: np.ndarray, n_tokens: int, separator: int, *, span: tuple[int, int] = (10, 60), seed: int = 0
+) -> np.ndarray:
+    """About ``n_tokens`` ids of rows ``[separator, s, s]``: a span ``s`` of ``span[0]`` to ``span[1]``
+    random ids from ``vocabulary``, then the same span again. Its first copy cannot be predicted at
+    all and its second only by looking back (an induction head: find the earlier occurrence of the
+    current token, copy what followed it)."""
+    rng = np.random.default_rng(seed)
+    rows, total = [], 0
+    while total < n_tokens:
+        s = rng.choice(vocabulary, int(rng.integers(span[0], span[1] + 1)))
+        rows.append(np.concatenate([[separator], s, s]))
+        total += len(rows[-1])
+    return np.concatenate(rows).astype(np.uint16)

@@ -14,8 +14,9 @@ profile   chosen when                                 budget
 ``smoke`` ``COURSE_SMOKE=1`` or ``CI`` is set           <= 3 min on 2 cores
 ========  ==========================================  ==============================
 
-``COURSE_PROFILE`` forces a profile, ``COURSE_DEVICE`` a device, ``COURSE_DATA_DIR`` the data folder,
-``COURSE_RUNS_DIR`` the folder for your own artefacts (default ``runs/`` beside ``data/``).
+``COURSE_PROFILE`` forces a profile, ``COURSE_DEVICE`` a device, ``COURSE_PRECISION`` a precision,
+``COURSE_DATA_DIR`` the data folder, ``COURSE_RUNS_DIR`` the folder for your own artefacts (default
+``runs/`` beside ``data/``).
 """
 
 from __future__ import annotations
@@ -91,13 +92,32 @@ def choose_profile(device_type: str, env: dict[str, str] | None = None) -> str:
     return "gpu" if device_type == "cuda" else "cpu"
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX-512 BF16 or AMX, read from /proc/cpuinfo on
+    Linux); elsewhere False. Where it does, bf16 autocast trains about half again as fast as fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def precision_for(device) -> str:
     """The precision to train in on ``device`` (a ``torch.device`` or its name): bf16 autocast on CUDA
-    compute capability >= 8.0 (A100, L4, H100), fp16 autocast with a gradient scaler below it (T4,
-    V100: no bf16 tensor cores), fp32 elsewhere."""
+    compute capability >= 8.0 (A100, L4, H100) and on CPUs with native bf16, fp16 autocast with a
+    gradient scaler on older GPUs (T4, V100: no bf16 tensor cores), fp32 elsewhere (MPS, other CPUs).
+    ``COURSE_PRECISION`` forces one."""
     import torch  # optional here: the tokeniser lab runs without torch, and never asks
 
+    forced = os.environ.get("COURSE_PRECISION", "").strip().lower()
+    if forced:
+        if forced not in ("bf16", "fp16", "fp32"):
+            raise SetupError(f"COURSE_PRECISION={forced!r} is not a precision; use bf16, fp16 or fp32")
+        return forced
     device = torch.device(device)
+    if device.type == "cpu":
+        return "bf16" if cpu_has_bf16() else "fp32"
     if device.type != "cuda":
         return "fp32"
     return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
@@ -124,8 +144,8 @@ def choose_device(env: dict[str, str] | None = None) -> tuple[str, str]:
         return "cuda", precision_for("cuda")
     mps = getattr(torch.backends, "mps", None)
     if forced in ("", "mps") and mps is not None and mps.is_available():
-        return "mps", "fp32"
-    return "cpu", "fp32"
+        return "mps", precision_for("mps")
+    return "cpu", precision_for("cpu")
 
 
 def seed_everything(seed: int) -> None:

@@ -37,6 +37,13 @@ class GPTConfig:
     # "sdpa": PyTorch's fused kernels; "naive": the written-out softmax(QK^T/sqrt(d))V of Lab 02,
     # kept for the speed ladder of Lab 04 (no dropout, no KV cache)
     attention: str = "sdpa"
+    # "learned": a table of position vectors added to the token embeddings (GPT-2); "rope": queries and
+    # keys rotated by an angle proportional to their position, so scores depend on the offset (Su et al.)
+    position: str = "learned"
+    rope_base: float = 10000.0
+    # Smeared keys (Olsson et al. 2022): each head's key is a learned mix of the key of its own token
+    # and of the token before, so one layer can match "the token after an earlier copy of mine"
+    smear_keys: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd", "pad_vocab_to"):
@@ -47,6 +54,12 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig.n_head={self.n_head} must divide n_embd={self.n_embd} (each head gets n_embd // n_head "
                 "dimensions)"
+            )
+        if self.position not in ("learned", "rope"):
+            raise ValueError(f"GPTConfig.position must be 'learned' or 'rope', got {self.position!r}")
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"rotary positions rotate pairs of dimensions: the head size {self.n_embd // self.n_head} must be even"
             )
         if self.attention not in ("sdpa", "naive"):
             raise ValueError(f"GPTConfig.attention must be 'sdpa' or 'naive', got {self.attention!r}")
@@ -84,6 +97,23 @@ def naive_attention(
     return torch.softmax(scores, dim=-1) @ v
 
 
+def rope_angles(head_dim: int, length: int, base: float = 10000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (length, head_dim // 2): position p turns dimension pair
+    i by p * base^(-2i / head_dim), fast-turning pairs for short offsets, slow ones for long."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # (length, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[i], x[i + hs/2]) of ``x`` (..., T, hs) by its angle; cos, sin: (T, hs/2).
+    A query at position m and a key at position n then score q·R(n - m)k: only the offset counts."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
 def causal_mask(t: int, device: torch.device | str | None = None) -> torch.Tensor:
     """(t, t) boolean, True on and below the diagonal: position i sees positions 0..i."""
     return torch.ones(t, t, dtype=torch.bool, device=device).tril()
@@ -106,6 +136,8 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_head, self.max_len, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # smeared keys need the raw key of the last token seen, per layer: (n_layer, B, nh, 1, hs)
+        self.last_key = torch.zeros((*shape[:3], 1, hs), device=device, dtype=dtype) if config.smear_keys else None
         self.pos = 0  # tokens stored so far
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,12 +163,33 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.naive = config.attention == "naive"
         self.resid_dropout = nn.Dropout(config.dropout)
+        # per head, the share of a key that is its own token's: sigmoid(0) = one half to start with
+        self.smear = nn.Parameter(torch.zeros(config.n_head)) if config.smear_keys else None
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0, rope=None):
+        """Queries, keys and values of every head, (B, nh, T, hs) each, keys smeared and positions
+        rotated where the model does so."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs): heads become a batch dimension
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.smear is not None:
+            k = self.smear_keys(k, cache, layer, start)
+        if rope is not None:  # rotary positions: (cos, sin) of positions start .. start + T - 1
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # the cache keeps keys already rotated
+        return q, k, v
+
+    def attention_weights(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hs)) under the causal mask, for looking at: (B, nh, T, T)."""
+        q, k, _ = self.qkv(x, rope=rope)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+        return torch.softmax(scores.masked_fill(~causal_mask(x.size(1), device=x.device), float("-inf")), dim=-1)
+
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0, rope=None
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x, cache, layer, start, rope)
         dropout = self.dropout if self.training else 0.0
         if self.naive and cache is None:
             y = naive_attention(q, k, v, causal_mask(T, device=x.device))
@@ -151,6 +204,16 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
+
+    def smear_keys(self, k: torch.Tensor, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
+        """k (B, nh, T, hs) -> each key mixed with the key of the token before it (the first token of
+        a sequence keeps its own; with a cache, the token before is the last one cached)."""
+        before = cache.last_key[layer] if cache is not None and start > 0 else k[:, :, :1]
+        previous = torch.cat([before.to(k.dtype), k[:, :, :-1]], dim=2)
+        if cache is not None:
+            cache.last_key[layer] = k[:, :, -1:]
+        mix = torch.sigmoid(self.smear).view(1, -1, 1, 1).to(k.dtype)
+        return mix * k + (1 - mix) * previous
 
 
 class MLP(nn.Module):
@@ -175,8 +238,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, start)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0, rope=None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, start, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -185,7 +250,12 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.context_length, config.n_embd)
+        if config.position == "learned":
+            self.wpe = nn.Embedding(config.context_length, config.n_embd)
+        else:  # rotary: fixed angles, recomputed on load rather than stored
+            cos, sin = rope_angles(config.n_embd // config.n_head, config.context_length, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -219,13 +289,36 @@ class GPT(nn.Module):
                 f"context_length={self.config.context_length}; "
                 "crop the input to the last context_length tokens"
             )
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.position == "learned":
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.drop(x)
         for layer, block in enumerate(self.h):
-            x = block(x, cache, layer, start)
+            x = block(x, cache, layer, start, rope)
         if cache is not None:
             cache.pos = start + T
         return self.ln_f(x)
+
+    @torch.no_grad()
+    def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:
+        """Every head's attention weights for ids ``idx`` (B, T): (n_layer, B, nh, T, T)."""
+        if idx.size(1) > self.config.context_length:
+            raise ValueError(f"{idx.size(1)} tokens do not fit the context of {self.config.context_length}")
+        T = idx.size(1)
+        x = self.wte(idx)
+        rope = None
+        if self.config.position == "learned":
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        else:
+            rope = (self.rope_cos[:T], self.rope_sin[:T])
+        maps = []
+        for block in self.h:
+            maps.append(block.attn.attention_weights(block.ln_1(x), rope))
+            x = block(x, rope=rope)
+        return torch.stack(maps)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
@@ -246,8 +339,12 @@ class GPT(nn.Module):
         position embeddings (the count Kaplan et al. 2020 use)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.wte.weight.numel() + self.wpe.weight.numel()
+            n -= self.wte.weight.numel() + self.position_parameters()
         return n
+
+    def position_parameters(self) -> int:
+        """Parameters of the learned position table (0 with rotary positions): no token multiplies by them."""
+        return self.wpe.weight.numel() if self.config.position == "learned" else 0
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6 per parameter (forward 2, backward 4) that a token passes
@@ -256,7 +353,7 @@ class GPT(nn.Module):
         appendix B and nanoGPT count it)."""
         cfg = self.config
         t = seq_len or cfg.context_length
-        return 6 * (self.num_parameters() - self.wpe.weight.numel()) + 12 * cfg.n_layer * cfg.n_embd * t
+        return 6 * (self.num_parameters() - self.position_parameters()) + 12 * cfg.n_layer * cfg.n_embd * t
 
     # -- GPT-2 weights -------------------------------------------------------------------------
     @classmethod

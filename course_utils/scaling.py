@@ -212,7 +212,7 @@ def run_params(n_layer: int, n_embd: int, vocab_size: int) -> int:
     without attention, matching :meth:`GPT.flops_per_token`."""
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = GPT(GPTConfig(vocab_size=vocab_size, context_length=8, n_layer=n_layer, n_head=1, n_embd=n_embd))
-    return model.num_parameters() - model.wpe.weight.numel()
+    return model.num_parameters() - model.position_parameters()
 
 
 def run_sweep(
@@ -282,7 +282,7 @@ def run_sweep(
             "n_layer": run.n_layer,
             "n_embd": run.n_embd,
             "n_head": run.n_head,
-            "params": float(trainer.model.num_parameters() - trainer.model.wpe.weight.numel()),
+            "params": float(trainer.model.num_parameters() - trainer.model.position_parameters()),
             "tokens": float(steps * trainer.tokens_per_step),
             "steps": steps,
             "flops": steps * per_step,

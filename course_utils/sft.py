@@ -30,7 +30,7 @@ from .lab import data_dir
 from .model import GPT, generate_batched
 from .tokenizer import ENDOFTEXT, Tokenizer
 from .train import TrainConfig, Trainer
-from .world import World, load_base_model, make_world, normalise_answer
+from .world import ANSWER_TEMPLATES, World, load_base_model, make_world, normalise_answer
 
 USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
 CHAT_TOKENS = (USER, ASSISTANT, END)
@@ -286,15 +286,6 @@ def rag_prompt(question: str, documents: Sequence[str]) -> str:
 # ---------------------------------------------------------------------------------------------
 # SFT data from the world and the stories
 # ---------------------------------------------------------------------------------------------
-
-#: Answers in the biographies' own words, so fine-tuning teaches the model to *use* what pretraining stored.
-ANSWER_TEMPLATES = {
-    "birth_city": "{name} was born in {value}.",
-    "university": "{name} studied at {value}.",
-    "field": "{name} majored in {value}.",
-    "employer": "{name} works for {value}.",
-    "birth_date": "{name} was born on {value}.",
-}
 
 
 @dataclass

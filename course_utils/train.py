@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,10 @@ class Trainer:
     """Holds everything a run needs and steps it. ``train_tokens``/``val_tokens`` are 1-D token arrays;
     ``train_tokens`` may be a list of arrays mixed with ``train_weights`` (see :class:`BatchSampler`).
     ``train_batches`` replaces the token sampler by any object with ``next() -> (x, y)``,
-    ``state_dict()`` and ``load_state_dict()`` (fine-tuning batches of conversations, for example)."""
+    ``state_dict()`` and ``load_state_dict()`` (fine-tuning batches of conversations, for example).
+    ``fade`` lowers parts of the mixture to zero over a number of batches (see :class:`BatchSampler`).
+    ``probes`` maps names to functions of the model that return a number (an in-context score, say);
+    each is measured at every evaluation, in eval mode without gradients, and logged beside the loss."""
 
     def __init__(
         self,
@@ -139,8 +143,10 @@ class Trainer:
         tokenizer_id: str = "",
         train_weights=None,
         train_batches=None,
+        probes: dict[str, Callable[[nn.Module], float]] | None = None,
+        fade: dict[int, int] | None = None,
     ):
-        self.cfg, self.tokenizer_id = cfg, tokenizer_id
+        self.cfg, self.tokenizer_id, self.probes = cfg, tokenizer_id, dict(probes or {})
         self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self.distributed = self.world_size > 1
         if cfg.device == "auto":
@@ -172,6 +178,7 @@ class Trainer:
             rank=self.rank,
             world_size=self.world_size,
             weights=train_weights,
+            fade=fade,
         )
         self.val_tokens = val_tokens
         self.step = 0
@@ -236,6 +243,18 @@ class Trainer:
             autocast=self.autocast,
         )
 
+    def measure_probes(self) -> dict[str, float]:
+        """Every probe's value now, measured without disturbing the run (model mode, random state)."""
+        if not self.probes:
+            return {}
+        state, was_training = torch.get_rng_state(), self.model.training
+        self.model.eval()
+        with torch.no_grad(), self.autocast():
+            values = {name: float(probe(self.model)) for name, probe in self.probes.items()}
+        self.model.train(was_training)
+        torch.set_rng_state(state)
+        return values
+
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -255,7 +274,8 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["model_config"] != dataclasses.asdict(self.model.config):
+        # a checkpoint written before a GPTConfig field existed holds that field's default
+        if dataclasses.asdict(GPTConfig(**state["model_config"])) != dataclasses.asdict(self.model.config):
             raise TrainingError(
                 f"the checkpoint is of another model ({state['model_config']}); use another out_dir or the same model "
                 "settings"
@@ -336,6 +356,7 @@ class Trainer:
             }
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == until):
                 row["val_loss"] = self.evaluate()
+                row.update(self.measure_probes())
             history.append(row)
             if self.rank == 0:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -372,16 +393,18 @@ def peak_flops(device: torch.device | str) -> float | None:
 
 
 #: GPTConfig fields the command line sets (the vocabulary comes from the tokenizer).
-MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "context_length", "dropout")
+MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "context_length", "dropout", "position", "smear_keys")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """A flag for every field of :class:`TrainConfig` and for the model's size (``--n-layer`` …)."""
     defaults = GPTConfig()
     for name in MODEL_FLAGS:
-        parser.add_argument(
-            "--" + name.replace("_", "-"), type=type(getattr(defaults, name)), default=getattr(defaults, name)
-        )
+        flag, default = "--" + name.replace("_", "-"), getattr(defaults, name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model":
             continue

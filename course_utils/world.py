@@ -542,6 +542,108 @@ def fact_recall(
     return {"accuracy": {a: correct[a] / len(people) for a in attributes}, "items": items}
 
 
+# ---------------------------------------------------------------------------------------------
+# Pretraining documents that pay for reading the context (Lab 07)
+# ---------------------------------------------------------------------------------------------
+
+#: Answers in the biographies' own words (Lab 06 fine-tunes on them; pretraining lists use them too).
+ANSWER_TEMPLATES = {
+    "birth_city": "{name} was born in {value}.",
+    "university": "{name} studied at {value}.",
+    "field": "{name} majored in {value}.",
+    "employer": "{name} works for {value}.",
+    "birth_date": "{name} was born on {value}.",
+}
+
+#: How a list of facts may be written, and how often: a question and a sentence (the biographies' own
+#: words, so the commonest), a question and a short answer, ``name: value`` lines, or a table row. One
+#: list keeps one format, so its first lines say which: that is what a few examples in a prompt can do.
+LIST_FORMATS = {"qa_sentence": 0.4, "qa_short": 0.2, "colon": 0.2, "table": 0.2}
+
+
+def fresh_people(n: int, seed: int, exclude: set[str] = frozenset()) -> list[Person]:
+    """``n`` invented people outside any world the labs use: no model can have memorised their
+    facts, so a document about one of them can only be continued by reading it. Names in
+    ``exclude`` are skipped. Each has one biography."""
+    people: list[Person] = []
+    batch = 0
+    while len(people) < n:
+        more = make_world(10_000 + 7919 * seed + batch, n_sft=n, n_heldout=0, n_retrieval=0, n_biographies=1).people
+        taken = exclude | {p.name for p in people}
+        people += [p for p in more if p.name not in taken][: n - len(people)]
+        batch += 1
+    return people
+
+
+def _fact_line(fmt: str, p: Person, attribute: str, rng: random.Random) -> str:
+    value = p.fact(attribute)
+    if fmt == "qa_short":
+        return f"Q: {rng.choice(QUESTION_TEMPLATES[attribute]).format(name=p.name)}\nA: {value}"
+    if fmt == "qa_sentence":
+        sentence = ANSWER_TEMPLATES[attribute].format(name=p.name, value=value)
+        return f"Q: {rng.choice(QUESTION_TEMPLATES[attribute]).format(name=p.name)}\nA: {sentence}"
+    if fmt == "colon":
+        return f"{p.name}: {value}"
+    return f"| {p.name} | {value} |"
+
+
+def fact_list(people: list[Person], attribute: str, fmt: str, rng: random.Random) -> str:
+    """One attribute of several people, every line in the same format (a *bursty* document: the
+    first lines tell which attribute and which format the rest will have)."""
+    header = f"| name | {attribute.replace('_', ' ')} |\n" if fmt == "table" else ""
+    return header + "\n".join(_fact_line(fmt, p, attribute, rng) for p in people)
+
+
+def fact_lists(
+    world: World, split: str, n_documents: int, seed: int = 0, sizes: tuple[int, int] = (4, 12)
+) -> list[str]:
+    """Lists of facts about the people of ``split`` (known from their biographies), one attribute and
+    one format each (:data:`LIST_FORMATS`). Keep held-out people out: their questions test whether
+    fine-tuning and few-shot prompting generalise."""
+    people = world.split(split)
+    rng = random.Random(f"{world.seed}:lists:{split}:{seed}")
+    documents = []
+    for _ in range(n_documents):
+        group = rng.sample(people, min(len(people), rng.randint(*sizes)))
+        fmt = rng.choices(list(LIST_FORMATS), weights=list(LIST_FORMATS.values()))[0]
+        documents.append(fact_list(group, rng.choice(PROBED), fmt, rng))
+    return documents
+
+
+def reading_documents(n_documents: int, seed: int = 0, exclude: set[str] = frozenset()) -> list[str]:
+    """Documents about invented people (:func:`fresh_people`) in which a fact stated early is needed
+    again later, so predicting it means copying it from the context:
+
+    * a biography, then questions about it, answered in sentences (or, less often, in a word);
+    * a biography, then a one-sentence summary of two of its facts;
+    * three to six people with one fact each, then a question about one of them answered with the bare
+      value (a lookup: half of all documents, as it is the hardest to learn)."""
+    rng = random.Random(f"reading:{seed}")
+    people = fresh_people(2 * n_documents, seed, exclude)
+    documents = []
+    for k in range(n_documents):
+        kind = rng.choices(("questions", "summary", "lookup"), weights=(0.35, 0.15, 0.5))[0]
+        p = people[2 * k]
+        if kind == "questions":
+            fmt = rng.choices(("qa_sentence", "qa_short"), weights=(0.7, 0.3))[0]
+            asked = rng.sample(PROBED, rng.randint(1, 3))
+            documents.append(p.biographies[0] + "\n" + "\n".join(_fact_line(fmt, p, a, rng) for a in asked))
+        elif kind == "summary":
+            a, b = rng.sample(("birth_city", "university", "field", "employer"), 2)
+            summary = ANSWER_TEMPLATES[a].format(name=p.name, value=p.fact(a)).rstrip(".")
+            summary += ", and " + ANSWER_TEMPLATES[b].format(name=p.pronoun, value=p.fact(b))
+            documents.append(p.biographies[0] + "\nIn short: " + summary)
+        else:
+            group = [p] + rng.sample(people[2 * k + 1 : 2 * k + 2] + rng.sample(people, 6), rng.randint(2, 5))
+            group = list({q.name: q for q in group}.values())
+            attribute = rng.choice(("birth_city", "employer", "university", "field"))
+            rng.shuffle(group)
+            facts = " ".join(ANSWER_TEMPLATES[attribute].format(name=q.name, value=q.fact(attribute)) for q in group)
+            asked = rng.choice(group)
+            documents.append(facts + "\n" + _fact_line("qa_short", asked, attribute, rng))
+    return documents
+
+
 BASE_MODEL = "base_model.pt"
 BASE_TOKENIZER = "base_tokenizer.json"
 

@@ -61,8 +61,21 @@ def test_setup_prints_one_line_and_seeds(capsys, monkeypatch):
     assert random.random() == first
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 2 and out[0] == out[1]
-    assert out[0].startswith("device cpu | precision fp32 | profile smoke | seed 7")
+    assert out[0].startswith(f"device cpu | precision {lab_module.precision_for('cpu')} | profile smoke | seed 7")
     assert lab.data.name == "data" and (lab.data / "tinystories").is_dir()
+
+
+def test_precision_follows_the_hardware_and_can_be_forced(monkeypatch):
+    monkeypatch.delenv("COURSE_PRECISION", raising=False)
+    monkeypatch.setattr(lab_module, "cpu_has_bf16", lambda: True)
+    assert lab_module.precision_for("cpu") == "bf16"
+    monkeypatch.setattr(lab_module, "cpu_has_bf16", lambda: False)
+    assert lab_module.precision_for("cpu") == "fp32" and lab_module.precision_for("mps") == "fp32"
+    monkeypatch.setenv("COURSE_PRECISION", "bf16")
+    assert lab_module.precision_for("cpu") == "bf16"
+    monkeypatch.setenv("COURSE_PRECISION", "fp8")
+    with pytest.raises(SetupError, match="not a precision"):
+        lab_module.precision_for("cpu")
 
 
 def test_setup_rejects_unknown_arguments():

@@ -28,6 +28,7 @@ LEVELS = {
     "scaling": 5,
     "world": 6,
     "sft": 6,
+    "icl": 7,
     "retrieval": 8,
     "rl": 9,
     "release": 90,

@@ -3,6 +3,7 @@ writing its artefact's card (command, data hashes, wall time, metrics). Small se
 
 import json
 
+import pytest
 from conftest import TINY_MODEL_FLAGS
 
 from course_utils import recipes
@@ -33,25 +34,48 @@ def test_tokenizer_recipe_rebuilds_the_shipped_file_exactly(tmp_path, data_dir):
     )
 
 
-TINY = [*TINY_MODEL_FLAGS, "--sample-every", "0", "--probe-people", "2"]
+TINY = [
+    *TINY_MODEL_FLAGS,
+    "--sample-every",
+    "0",
+    "--probe-people",
+    "2",
+    "--n-eval",
+    "4",
+    "--reading-documents",
+    "300",
+    "--list-documents",
+    "100",
+]
 
 
 def test_base_model_recipe_trains_on_the_mixture_resumes_and_writes_its_card(tmp_path, capsys):
-    args = TINY + ["--out-dir", str(tmp_path / "run"), "--out", str(tmp_path / "base.pt")]
+    mixture = ["--reading", "0.1", "--lists", "0.1", "--copy", "0.1", "--copy-fade", "3", "--context-length", "256"]
+    args = TINY + mixture + ["--out-dir", str(tmp_path / "run"), "--out", str(tmp_path / "base.pt")]
     assert base_model.main(args + ["--max-steps", "2"]) == 0
     assert read_card(tmp_path / "base.pt")["metrics"]["resumed_at_step"] is None
     assert base_model.main(args + ["--max-steps", "4"]) == 0
     assert "resumed from" in capsys.readouterr().out
     card = read_card(tmp_path / "base.pt")
     metrics = card["metrics"]
-    assert metrics["steps"] == 4 and metrics["resumed_at_step"] == 2 and metrics["tokens_seen"] == 4 * 4 * 32
-    assert metrics["world_fraction"] == 0.3 and set(metrics["recall"]) == {"sft", "heldout", "retrieval"}
+    assert metrics["steps"] == 4 and metrics["resumed_at_step"] == 2 and metrics["tokens_seen"] == 4 * 4 * 256
+    assert set(metrics["recall"]) == {"sft", "heldout", "retrieval"} and sum(
+        metrics["mixture"].values()
+    ) == pytest.approx(1)
+    assert [step for step, _ in metrics["copy_score_curve"]] == [2, 4] and set(metrics["few_shot_heldout"]) == {
+        "0",
+        "1",
+        "2",
+        "4",
+        "8",
+    }
+    assert 0 <= metrics["in_context_facts"] <= 1 and metrics["copy_loss_first"] > 0
     assert card["data_sha256"]["world_pretraining"] == make_world(0).pretraining_sha256()
     assert (
         card["command"].startswith("python -m course_utils.recipes.base_model --n-layer 1") and card["wall_seconds"] > 0
     )
-    assert base_model.main(args + ["--world-fraction", "1.5"]) == 1
-    assert "--world-fraction 1.5" in capsys.readouterr().err
+    assert base_model.main(args + ["--copy", "0.9"]) == 1
+    assert "leave room for the stories" in capsys.readouterr().err
 
 
 def test_sft_recipe_fine_tunes_the_base_model_and_writes_its_card(tmp_path):

@@ -249,3 +249,14 @@ def test_command_line_trains_and_resumes(tmp_path, data_dir, capsys):
 
     assert main(args[3:] + ["--max-steps", "2", "--n-head", "3"]) == 1  # 3 heads cannot split 32 dimensions
     assert "n_head=3 must divide n_embd=32" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_a_config_field_existed_still_resumes(tmp_path):
+    Trainer(tiny(tmp_path, checkpoint_every=1), TOKENS, TOKENS).fit(until=1, progress=False)
+    path = tmp_path / "checkpoint.pt"
+    state = load_checkpoint(path, CHECKPOINT_FORMAT)
+    for newer in ("position", "rope_base", "smear_keys"):  # fields added later, with defaults
+        del state["model_config"][newer]
+    save_checkpoint(path, state)
+    trainer = Trainer(tiny(tmp_path), TOKENS, TOKENS)
+    assert trainer.resume() and trainer.step == 1

@@ -1,74 +1,165 @@
-"""The reference base model of Labs 06–09: the course GPT pretrained on TinyStories mixed with the
-fictional world's biographies, stored in fp16 with its card. The defaults make the shipped model::
+"""The reference base model of Labs 06–09: the course GPT pretrained on a mixture of TinyStories, the
+fictional world's biographies and documents that pay for reading the context, stored in fp16 with
+its card::
 
     python -m course_utils.recipes.base_model            # runs/base, then data/artefacts/base_model.pt
 
-The run resumes from ``OUT_DIR/checkpoint.pt`` when it was cut off. The card records the validation
-loss, how many facts of each split of the world the model completes (against always guessing the
-commonest value), samples, the file's size and hash, and its load time.
+Each part of the mixture is a switch with its share (``--biographies``, ``--reading``, ``--lists``,
+``--copy``); the stories take the rest. The run resumes from ``OUT_DIR/checkpoint.pt`` when it was cut
+off. The copy score (loss on the second copy of a repeated span of ordinary tokens over the first) is
+measured at every evaluation, so the card keeps its curve: the induction bump. The card also records
+the validation loss, fact recall for each split of the world against always guessing the commonest
+value, few-shot and in-context accuracy, samples, the file's size and hash, and its load time.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..artefacts import file_sha256, load_model, save_model
-from ..data import documents_token_cache, tinystories_sha256, token_cache, tokenizer_fingerprint
+from ..data import (
+    common_tokens,
+    copy_sequences,
+    documents_token_cache,
+    tinystories_sha256,
+    token_cache,
+    tokenizer_fingerprint,
+)
+from ..icl import (
+    complete,
+    copy_losses,
+    copy_score,
+    exact_match,
+    fact_questions,
+    few_shot_prompts,
+    in_context_facts,
+    repeated_sequences,
+)
 from ..lab import data_dir
 from ..model import generate
+from ..sft import practice_world
 from ..tokenizer import ENDOFTEXT, Tokenizer, TokenizerError
-from ..train import CHECKPOINT, Trainer, TrainingError, add_config_arguments, config_from_arguments, evaluate_loss
-from ..world import BASE_MODEL, BASE_TOKENIZER, PROBED, fact_recall, make_world
+from ..train import (
+    CHECKPOINT,
+    METRICS,
+    Trainer,
+    TrainingError,
+    add_config_arguments,
+    config_from_arguments,
+    evaluate_loss,
+)
+from ..world import BASE_MODEL, BASE_TOKENIZER, PROBED, fact_lists, fact_recall, make_world, reading_documents
 from . import finish
 
 SAMPLE_PROMPTS = ("", "Once upon a time, there was a little", "Tom and Lily went to the park.")
+SHOTS = (0, 1, 2, 4, 8)
+
+
+def mixture(args, tokenizer, world) -> tuple[list, list[float], dict[int, int], dict[str, float], dict[str, str]]:
+    """The token arrays, their weights, which fade, the shares by name and the hashes of what they hold."""
+    eot = tokenizer.special_tokens[ENDOFTEXT]
+    stories = token_cache(tokenizer, "train")
+    parts = {"stories": stories}
+    hashes = {"tinystories_train": tinystories_sha256("train")}
+    if args.biographies:
+        parts["biographies"] = documents_token_cache(tokenizer, f"world-{world.seed}", world.pretraining_documents())
+        hashes["world_pretraining"] = world.pretraining_sha256()
+    if args.reading:
+        # invented people outside the world and outside Lab 06's reading practice
+        taken = {p.name for p in world.people} | {p.name for p in practice_world(world).people}
+        docs = reading_documents(args.reading_documents, seed=0, exclude=taken)
+        parts["reading"] = documents_token_cache(tokenizer, "reading", docs)
+    if args.lists:
+        parts["lists"] = documents_token_cache(
+            tokenizer, f"lists-{world.seed}", fact_lists(world, "sft", args.list_documents)
+        )
+    if args.copy:
+        vocabulary = common_tokens(stories, 1000, exclude=[eot])
+        parts["copy"] = copy_sequences(vocabulary, 4_000_000, eot, span=(10, 60), seed=0)
+    shares = {"biographies": args.biographies, "reading": args.reading, "lists": args.lists, "copy": args.copy}
+    shares = {k: v for k, v in shares.items() if k in parts}
+    shares["stories"] = 1.0 - sum(shares.values())
+    names = list(parts)
+    fade = {names.index("copy"): args.copy_fade * args.grad_accum} if args.copy and args.copy_fade else {}
+    return [parts[n] for n in names], [shares[n] for n in names], fade, shares, hashes
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Pretrain the reference base model on TinyStories plus the world's biographies; "
-        "write the fp16 artefact and its card. Resumes from OUT_DIR/checkpoint.pt."
+        description="Pretrain the reference base model on its mixture; write the fp16 artefact and its card. "
+        "Resumes from OUT_DIR/checkpoint.pt."
     )
     add_config_arguments(parser)
     parser.add_argument("--tokenizer", type=Path, default=None, help=f"default: data/artefacts/{BASE_TOKENIZER}")
     parser.add_argument("--world-seed", type=int, default=0)
+    parser.add_argument("--biographies", type=float, default=0.2, help="share of windows from the world's biographies")
+    parser.add_argument("--reading", type=float, default=0.2, help="share from documents about invented people")
+    parser.add_argument("--reading-documents", type=int, default=60_000)
     parser.add_argument(
-        "--world-fraction", type=float, default=0.3, help="share of training windows drawn from the world's biographies"
+        "--lists", type=float, default=0.08, help="share from lists of facts about the fine-tuning people"
     )
+    parser.add_argument("--list-documents", type=int, default=20_000)
+    parser.add_argument("--copy", type=float, default=0.15, help="share from copy sequences of random ordinary tokens")
     parser.add_argument(
-        "--probe-people", type=int, default=None, help="people per split whose facts the card measures (default: all)"
+        "--copy-fade", type=int, default=1500, help="steps over which the copy share falls to 0 (0: never)"
     )
+    parser.add_argument("--probe-people", type=int, default=None, help="people per split whose facts the card measures")
+    parser.add_argument("--n-eval", type=int, default=300, help="questions per few-shot and in-context measure")
     parser.add_argument("--out", type=Path, default=None, help=f"default: data/artefacts/{BASE_MODEL}")
-    parser.set_defaults(out_dir="runs/base", max_steps=1500, eval_every=250, eval_batches=10, sample_every=250)
+    parser.set_defaults(
+        out_dir="runs/base",
+        position="rope",
+        smear_keys=True,
+        context_length=512,
+        batch_size=16,
+        lr=2e-3,
+        warmup_steps=100,
+        max_steps=3500,
+        eval_every=250,
+        eval_batches=10,
+        checkpoint_every=100,
+        sample_every=500,
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    if not 0 <= args.world_fraction < 1:
-        print(f"error: --world-fraction {args.world_fraction}: use a share in [0, 1)", file=sys.stderr)
+    if (
+        min(args.biographies, args.reading, args.lists, args.copy) < 0
+        or args.biographies + args.reading + args.lists + args.copy >= 1
+    ):
+        print(
+            "error: the shares of --biographies, --reading, --lists and --copy must be >= 0 "
+            "and leave room for the stories",
+            file=sys.stderr,
+        )
         return 1
     try:
         tokenizer = Tokenizer.load(args.tokenizer or data_dir() / "artefacts" / BASE_TOKENIZER)
         world = make_world(args.world_seed)
         cfg = config_from_arguments(args, tokenizer.n_vocab)
-        mixture = [
-            token_cache(tokenizer, "train"),
-            documents_token_cache(tokenizer, f"world-{world.seed}", world.pretraining_documents()),
-        ]
+        sources, weights, fade, shares, hashes = mixture(args, tokenizer, world)
+        eot = tokenizer.special_tokens[ENDOFTEXT]
+        probe_rows = repeated_sequences(common_tokens(sources[0], 1000, exclude=[eot]), 16, 60, eot, seed=123)
         trainer = Trainer(
             cfg,
-            mixture,
+            sources,
             token_cache(tokenizer, "val"),
             tokenizer_id=tokenizer_fingerprint(tokenizer),
-            train_weights=[1 - args.world_fraction, args.world_fraction],
+            train_weights=weights if len(sources) > 1 else None,
+            fade=fade,
+            probes={"copy_score": lambda m: copy_score(m, probe_rows)},
         )
         resumed_at = trainer.step if trainer.resume() else None
         if resumed_at is not None:
             print(f"resumed from {trainer.out / CHECKPOINT} at step {resumed_at}")
-        trainer.fit(decode=tokenizer.decode, sample_prompt=tokenizer.special_tokens[ENDOFTEXT])
+        trainer.fit(decode=tokenizer.decode, sample_prompt=eot)
     except (TrainingError, ValueError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -79,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(out, verify=False)  # measure what ships: the fp16 weights, back in fp32
     load_seconds = time.perf_counter() - t0
     torch.manual_seed(0)
-    val_loss = evaluate_loss(model, token_cache(tokenizer, "val"), 32, model.config.context_length, 20)
+    val_loss = evaluate_loss(model, token_cache(tokenizer, "val"), 32, min(256, model.config.context_length), 20)
+    first, second = copy_losses(
+        model, repeated_sequences(common_tokens(sources[0], 1000, exclude=[eot]), 32, 60, eot, seed=7)
+    )
     metrics: dict = {
         "parameters": model.num_parameters(),
         "file_bytes": size,
@@ -88,15 +182,34 @@ def main(argv: list[str] | None = None) -> int:
         "steps": trainer.step,
         "resumed_at_step": resumed_at,
         "tokens_seen": trainer.step * trainer.tokens_per_step,
-        "world_fraction": args.world_fraction,
+        "mixture": {k: round(v, 4) for k, v in shares.items()},
+        "copy_fade_steps": args.copy_fade,
         "val_loss_tinystories": round(val_loss, 4),
+        "copy_loss_first": round(first, 4),
+        "copy_loss_second": round(second, 4),
         "recall": {},
     }
     for split in ("sft", "heldout", "retrieval"):
         result = fact_recall(model, tokenizer, world.split(split)[: args.probe_people])
         metrics["recall"][split] = {a: round(v, 4) for a, v in result["accuracy"].items()}
     metrics["guess_most_common"] = {a: round(world.most_common(a, "retrieval")[1], 4) for a in PROBED}
-    eot = tokenizer.special_tokens[ENDOFTEXT]
+    questions = fact_questions(world, "heldout")
+    random.Random(0).shuffle(questions)
+    questions, pool = questions[: args.n_eval], fact_questions(world, "sft")
+    metrics["few_shot_heldout"] = {}
+    for shots in SHOTS:
+        scores = [
+            exact_match(complete(model, tokenizer, few_shot_prompts(questions, pool, shots, seed=s)), questions)
+            for s in (0, 1)
+        ]
+        metrics["few_shot_heldout"][str(shots)] = round(float(np.mean(scores)), 4)
+    facts = in_context_facts(args.n_eval, exclude={p.name for p in world.people})
+    metrics["in_context_facts"] = round(exact_match(complete(model, tokenizer, [f["prompt"] for f in facts]), facts), 4)
+    log = trainer.out / METRICS
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    metrics["copy_score_curve"] = [[r["step"], round(r["copy_score"], 4)] for r in rows if "copy_score" in r]
+    # the time spent training, over every session that contributed to the run (each step is logged once)
+    metrics["train_seconds"] = round(sum(trainer.tokens_per_step / r["tokens_per_second"] for r in rows), 1)
     samples = []
     for k, prompt in enumerate(SAMPLE_PROMPTS):
         ids = torch.tensor([[eot] + tokenizer.encode(prompt)])
@@ -110,11 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         samples.append(prompt + tokenizer.decode([i for i in out_ids[0, ids.size(1) :].tolist() if i != eot]))
     metrics["samples"] = samples
-    data = {
-        "tinystories_train": tinystories_sha256("train"),
-        "world_pretraining": world.pretraining_sha256(),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-    }
+    data = {**hashes, "tokenizer": tokenizer_fingerprint(tokenizer)}
     finish(out, module="base_model", argv=argv, data=data, metrics=metrics, started=started)
     return 0
 

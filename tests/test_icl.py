@@ -1,0 +1,197 @@
+"""Lab 07's pieces: rotary positions, the reading mixture, copy and few-shot measures, and bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from course_utils import data, icl, world
+from course_utils.model import GPT, GPTConfig, apply_rope, generate, rope_angles
+from course_utils.train import TrainConfig, Trainer
+
+VOCAB = 97
+TOKENS = np.random.default_rng(0).integers(0, VOCAB, 20_000).astype(np.uint16)
+
+
+def test_rotary_scores_depend_only_on_the_offset():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+    cos, sin = rope_angles(16, 128)
+
+    def score(m, n):
+        return (apply_rope(q, cos[m : m + 1], sin[m : m + 1]) * apply_rope(k, cos[n : n + 1], sin[n : n + 1])).sum()
+
+    for offset in (0, 3, 40):
+        scores = torch.stack([score(m + offset, m) for m in (0, 17, 60, 87)])
+        assert torch.allclose(scores, scores[0].expand_as(scores), atol=1e-5), (offset, scores)
+    assert not torch.isclose(score(10, 7), score(10, 3))  # another offset, another score
+    assert torch.allclose(apply_rope(q, cos[:1], sin[:1]), q)  # position 0 is not turned
+
+
+def test_a_rotary_model_generates_the_same_with_and_without_the_cache():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, context_length=32, n_layer=2, n_head=2, n_embd=32, position="rope")).eval()
+    assert not hasattr(model, "wpe") and model.position_parameters() == 0
+    prompt = torch.randint(0, VOCAB, (2, 7))
+    assert torch.equal(
+        generate(model, prompt, 12, temperature=0), generate(model, prompt, 12, temperature=0, use_cache=False)
+    )
+    with pytest.raises(ValueError, match="must be even"):
+        GPTConfig(n_embd=30, n_head=2, position="rope")
+    with pytest.raises(ValueError, match="'learned' or 'rope'"):
+        GPTConfig(position="alibi")
+
+
+def test_a_faded_part_of_the_mixture_disappears_and_resumes_exactly():
+    ones, zeros = np.ones(1000, dtype=np.uint16), np.zeros(1000, dtype=np.uint16)
+    sampler = data.BatchSampler([ones, zeros], 64, 8, seed=0, weights=[0.5, 0.5], fade={1: 10})
+    shares = [float((sampler.next()[0] == 0).float().mean()) for _ in range(12)]
+    assert shares[0] > 0.3 and shares[-1] == shares[-2] == 0.0  # after 10 batches only the first array is left
+    again = data.BatchSampler([ones, zeros], 64, 8, seed=0, weights=[0.5, 0.5], fade={1: 10})
+    for _ in range(5):
+        again.next()
+    resumed = data.BatchSampler([ones, zeros], 64, 8, seed=1, weights=[0.5, 0.5], fade={1: 10})
+    resumed.load_state_dict(again.state_dict())
+    assert torch.equal(resumed.next()[0], again.next()[0]) and resumed.draws == again.draws == 6
+    with pytest.raises(ValueError, match="fade="):
+        data.BatchSampler([ones, zeros], 4, 8, weights=[0.5, 0.5], fade={2: 10})
+
+
+def test_copy_sequences_repeat_their_span():
+    vocabulary = np.arange(100, 200)
+    tokens = data.copy_sequences(vocabulary, 2_000, separator=5, span=(3, 9), seed=0)
+    rows = np.split(tokens, np.flatnonzero(tokens == 5))[1:]
+    assert len(rows) > 10 and all(
+        len(r) % 2 == 1 and np.array_equal(r[1 : 1 + len(r) // 2], r[1 + len(r) // 2 :]) for r in rows
+    )
+    assert set(tokens[tokens != 5].tolist()) <= set(vocabulary.tolist())
+    assert list(data.common_tokens(np.array([3, 3, 3, 1, 1, 2, 7]), 2, exclude=[3])) == [1, 2]
+
+
+def test_probes_are_logged_without_changing_the_run(tmp_path):
+    model = GPTConfig(vocab_size=VOCAB, context_length=16, n_layer=1, n_head=2, n_embd=16)
+    cfg = TrainConfig(
+        model=model,
+        out_dir=str(tmp_path / "a"),
+        batch_size=4,
+        max_steps=4,
+        eval_every=2,
+        eval_batches=1,
+        checkpoint_every=0,
+        device="cpu",
+    )
+    plain = [r["loss"] for r in Trainer(cfg, TOKENS, TOKENS).fit(progress=False)]
+    rows = icl.repeated_sequences(np.arange(10, 60), 4, 6, separator=0)
+    probed = Trainer(
+        TrainConfig(**{**vars(cfg), "out_dir": str(tmp_path / "b")}),
+        TOKENS,
+        TOKENS,
+        probes={"copy_score": lambda m: icl.copy_score(m, rows)},
+    )
+    history = probed.fit(progress=False)
+    assert [r["loss"] for r in history] == plain
+    assert [("copy_score" in r) for r in history] == [False, True, False, True] and history[1]["copy_score"] > 0
+
+
+def test_a_model_that_copies_scores_near_zero_and_one_that_does_not_near_one():
+    rows = icl.repeated_sequences(np.arange(10, 60), 8, 12, separator=0, seed=1)
+
+    class Copier(torch.nn.Module):  # looks back one span and predicts what came next there
+        config = GPTConfig(vocab_size=VOCAB, context_length=32, n_layer=1, n_head=1, n_embd=8)
+
+        def parameters(self):
+            return iter([torch.zeros(1)])
+
+        def forward(self, idx):
+            logits = torch.zeros(*idx.shape, VOCAB)
+            for t in range(idx.size(1)):
+                if t >= 12:
+                    logits[torch.arange(idx.size(0)), t, idx[:, t - 11]] = 20.0
+            return logits, None
+
+    assert icl.copy_score(Copier(), rows) < 0.2
+    uniform = GPT(GPTConfig(vocab_size=VOCAB, context_length=32, n_layer=1, n_head=1, n_embd=8))
+    assert icl.copy_score(uniform, rows) == pytest.approx(1.0, abs=0.05)
+
+
+def test_mixture_documents_are_deterministic_and_keep_held_out_people_out():
+    w = world.make_world(0)
+    names = {p.name for p in w.people}
+    fresh = world.fresh_people(50, seed=3, exclude=names)
+    assert len({p.name for p in fresh}) == 50 and not names & {p.name for p in fresh}
+    docs = world.reading_documents(30, seed=0, exclude=names)
+    assert docs == world.reading_documents(30, seed=0, exclude=names) and all(docs)
+    lists = world.fact_lists(w, "sft", 40)
+    heldout = {p.name for p in w.split("heldout")}
+    assert not any(name in doc for doc in lists for name in heldout)
+    assert any(doc.startswith("Q: ") for doc in lists) and any(doc.startswith("| name |") for doc in lists)
+
+
+def test_few_shot_prompts_and_their_bad_input():
+    assert (
+        icl.few_shot_prompt([("Where was A born?", "Brask")], "Where was B born?")
+        == "Q: Where was A born?\nA: Brask\n\nQ: Where was B born?\nA:"
+    )
+    items = [{"question": "Where was B born?", "answer": "Selvin", "name": "B", "attribute": "birth_city"}]
+    pool = [{"question": "Where was A born?", "answer": "Brask", "name": "A", "attribute": "birth_city"}]
+    assert icl.few_shot_prompts(items, pool, 1)[0].startswith("Q: Where was A born?")
+    with pytest.raises(ValueError, match="2 shots asked for, but only 1"):
+        icl.few_shot_prompts(items, pool, 2)
+    with pytest.raises(ValueError, match="question is empty"):
+        icl.few_shot_prompt([], " ")
+    w = world.make_world(0)
+    model = GPT(GPTConfig(vocab_size=4096, context_length=32, n_layer=1, n_head=1, n_embd=8))
+    from course_utils.lab import data_dir
+    from course_utils.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(data_dir() / "artefacts" / world.BASE_TOKENIZER)
+    with pytest.raises(ValueError, match="empty"):
+        icl.complete(model, tok, [""])
+    with pytest.raises(ValueError, match="no room"):
+        icl.complete(model, tok, [" ".join(p.name for p in w.people[:20])])
+    assert icl.exact_match(["Brask, in Arvenia", "Selvin"], [{"answer": "Brask"}, {"answer": "Brask"}]) == 0.5
+
+
+def _keep_articles(text):
+    text = text.lower().replace("&", " and ")
+    return " ".join("".join(ch for ch in text if ch.isalnum() or ch.isspace()).split())
+
+
+def _double_spaces(text):
+    return world.normalise_answer(text).replace(" ", "  ")
+
+
+def _with_first_tokens(losses):
+    half = losses.size(1) // 2
+    return (losses[:, half:].mean() / losses[:, :half].mean()).item()
+
+
+@pytest.mark.parametrize(
+    "exercise, fn, advice",
+    [
+        ("few_shot_prompt", lambda ex, q: icl.few_shot_prompt(ex, q) + " ", "nothing after it"),
+        ("few_shot_prompt", lambda ex, q: icl.few_shot_prompt(ex, q).replace("\n\n", "\n"), "empty line"),
+        ("normalise_answer", _keep_articles, "articles"),
+        ("normalise_answer", _double_spaces, "single spaces"),
+        ("copy_ratio", _with_first_tokens, "leave out the first token"),
+        ("copy_ratio", lambda losses: 1 / icl.copy_ratio(losses), "not the other way round"),
+    ],
+)
+def test_lab07_checks_give_specific_advice_for_likely_mistakes(exercise, fn, advice):
+    from course_utils.checks import FAILED, evaluate
+
+    verdict = evaluate(exercise, fn)
+    assert verdict.status == FAILED and advice in verdict.message, verdict.message
+
+
+@pytest.mark.parametrize(
+    "exercise, fn",
+    [
+        ("few_shot_prompt", icl.few_shot_prompt),
+        ("normalise_answer", world.normalise_answer),
+        ("copy_ratio", icl.copy_ratio),
+    ],
+)
+def test_lab07_checks_pass_the_reference(exercise, fn):
+    from course_utils.checks import PASSED, evaluate
+
+    assert evaluate(exercise, fn).status == PASSED
