@@ -208,8 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     log = trainer.out / METRICS
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     metrics["copy_score_curve"] = [[r["step"], round(r["copy_score"], 4)] for r in rows if "copy_score" in r]
-    # the time spent training, over every session that contributed to the run (each step is logged once)
-    metrics["train_seconds"] = round(sum(trainer.tokens_per_step / r["tokens_per_second"] for r in rows), 1)
+    # the time spent training, over every session that contributed to the run (each step is logged once); a step
+    # slower than ten times the median was a pause (a stopped or starved process) and counts as a median step
+    seconds = [trainer.tokens_per_step / r["tokens_per_second"] for r in rows]
+    median = float(np.median(seconds)) if seconds else 0.0
+    metrics["train_seconds"] = round(sum(s if s <= 10 * median else median for s in seconds), 1)
     samples = []
     for k, prompt in enumerate(SAMPLE_PROMPTS):
         ids = torch.tensor([[eot] + tokenizer.encode(prompt)])
