@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .checks import call, exercise, expect
+from .checks import call, exercise, expect, gradient
 from .lab import data_dir
 from .sft import IGNORE, chat_tokenizer, render_conversation, shift_labels
 from .tokenizer import Tokenizer
@@ -94,5 +94,5 @@ def _check_masked_loss(fn) -> None:
             math.isclose(got.item(), expected.item(), rel_tol=1e-5),
             f"on {case}: expected {expected.item():.5f} (the mean over kept positions only), got {got.item():.5f}",
         )
-        (grad,) = torch.autograd.grad(got, logits)
+        grad = gradient(got, logits, case)
         expect(torch.all(grad[~mask] == 0), f"on {case}: ignored positions must get zero gradient")

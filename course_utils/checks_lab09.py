@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .checks import call, exercise, expect
+from .checks import call, exercise, expect, gradient
 from .rl import group_advantages, grpo_loss, reasoning_reward
 
 LAB = "09"
@@ -130,5 +130,5 @@ def _check_grpo_loss(fn) -> None:
                     "the loss is minus that, averaged over each reply's masked tokens, then over replies"
                 ),
             )
-        (grad,) = torch.autograd.grad(got, logp)
+        grad = gradient(got, logp, case)
         expect(torch.all(grad[~mask] == 0), f"on {case}: tokens outside the mask must get zero gradient")

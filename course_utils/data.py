@@ -193,7 +193,8 @@ class BatchSampler(SeededSampler):
     ``tokens`` may also be a list of arrays with ``weights``: each window then comes from array ``i``
     with probability ``weights[i]`` (a pretraining mixture), drawn from the same generator. ``fade``
     maps an array's index to a number of batches over which its weight falls linearly to zero (a part
-    of the mixture that helps early and then gives its share back, annealed).
+    of the mixture that helps early and then gives its share back, annealed), or to ``(batches, floor)``
+    to fall to ``floor`` times its weight and stay there.
     """
 
     def __init__(
@@ -207,7 +208,7 @@ class BatchSampler(SeededSampler):
         rank: int = 0,
         world_size: int = 1,
         weights=None,
-        fade: dict[int, int] | None = None,
+        fade: dict[int, int | tuple[int, float]] | None = None,
     ):
         import torch  # optional here: Lab 01 uses this module without torch
 
@@ -228,17 +229,22 @@ class BatchSampler(SeededSampler):
         )
         self.batch_size, self.seq_len = batch_size, seq_len
         self.rank, self.world_size = rank, world_size
-        self.fade, self.draws = dict(fade or {}), 0
+        self.fade = {i: (f, 0.0) if isinstance(f, int) else (int(f[0]), float(f[1])) for i, f in (fade or {}).items()}
+        self.draws = 0
         if self.fade and (
-            self.weights is None or not all(0 <= i < len(self.sources) and n > 0 for i, n in self.fade.items())
+            self.weights is None
+            or not all(0 <= i < len(self.sources) and n > 0 and 0 <= floor < 1 for i, (n, floor) in self.fade.items())
         ):
-            raise ValueError(f"fade={self.fade}: map indices of the mixture's arrays to a positive number of batches")
+            raise ValueError(
+                f"fade={fade}: map indices of the mixture's arrays to a positive number of batches "
+                "(or to (batches, floor) with 0 <= floor < 1)"
+            )
 
     def weights_now(self):
         """The mixture's weights for the next batch, faded ones lowered in proportion to the batches drawn."""
         weights = self.weights.clone()
-        for i, until in self.fade.items():
-            weights[i] *= max(0.0, 1.0 - self.draws / until)
+        for i, (until, floor) in self.fade.items():
+            weights[i] *= max(floor, 1.0 - self.draws / until)
         return weights
 
     def next(self):

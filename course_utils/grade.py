@@ -3,19 +3,27 @@
     python -m course_utils.grade SUBMISSIONS --out gradebook.csv [--extra-tests private.py]
 
 Each submission runs headless in a fresh kernel, in its own temporary folder, in the smoke profile,
-with a time limit per cell and per notebook and network connections refused. Cells that fail do not
-stop it. Then, in the same kernel, the course's checks are imported afresh (so a student who
-redefined ``check`` or patched the package gains nothing) and run on the student's functions, each
-with its own time limit, together with the instructor's private cases. A broken submission (syntax
-error, endless loop, missing or renamed function, invalid JSON) costs that student the affected marks,
-with the reason in their feedback, and never stops the run.
+with a time limit per cell and per notebook, a memory limit, and network connections refused. Cells
+that fail do not stop it. The checks do not run in that kernel: they run in a separate process
+(:mod:`course_utils.sandbox`), started from the installed course before the submission's first cell,
+which calls the student's functions in the kernel with plain data and gets plain data back. So nothing
+the notebook does to its own Python (redefining ``check``, patching the package, the import system, the
+standard library or IPython, printing a forged report, returning an object that equals everything)
+reaches the checks. A broken submission (syntax error, endless loop, missing or renamed function,
+invalid JSON, a kernel that dies) costs that student the affected marks, with the reason in their
+feedback, and never stops the run.
+
+What it does not guarantee: the submission runs as the grader's user, so it can read and write what
+that user can. Grade untrusted notebooks in a container or a throw-away account (the README shows one
+command).
 
 Student names come from the file names: ``alice_01_tokenisation.ipynb`` and
 ``alice/01_tokenisation.ipynb`` both grade as ``alice``.
 
 Private cases (``--extra-tests FILE``): a Python file defining ``extra_<exercise>(fn)`` functions that
 use :func:`course_utils.checks.call` and ``expect*`` like the public checks and return how many cases
-they ran. An exercise earns its marks only if its public check and its private cases all pass.
+they ran. They run in the checker process too. An exercise earns its marks only if its public check
+and its private cases all pass.
 """
 
 from __future__ import annotations
@@ -24,13 +32,15 @@ import argparse
 import csv
 import json
 import os
+import queue
 import re
-import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
-import textwrap
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +51,7 @@ from .checks import FAILED, PASSED, TODO, exercises
 DEFAULT_CELL_TIMEOUT = 120
 DEFAULT_NOTEBOOK_TIMEOUT = 900
 DEFAULT_CHECK_TIMEOUT = 30
+DEFAULT_MEMORY_LIMIT_GB = 8.0
 
 # Loaded into each kernel (via sitecustomize) before the notebook runs: any socket connection to a
 # host other than this machine fails, so a submission cannot use, or wait on, the network.
@@ -54,6 +65,78 @@ def _local_only(self, address, *args):
     return _connect(self, address, *args)
 _socket.socket.connect = _local_only
 """
+
+
+# Also in each kernel's sitecustomize: a ceiling on the kernel's address space, hard as well as soft, so one
+# submission cannot take the grading machine's memory (it gets a MemoryError instead).
+MEMORY_LIMIT = """
+import os as _os, resource as _resource
+_limit = int(_os.environ.get("COURSE_MEMORY_LIMIT") or 0)
+if _limit:
+    _resource.setrlimit(_resource.RLIMIT_AS, (_limit, _limit))
+"""
+
+
+class Checker:
+    """The checks' own process (``python -I -m course_utils.sandbox``): started before the submission runs,
+    in a folder of its own, it imports every check, then calls the student's functions in the kernel."""
+
+    def __init__(self, lab: str, folder: Path, root: Path, check_timeout: float):
+        env = {
+            **_kernel_env(),
+            "COURSE_DATA_DIR": str(root / "data"),
+            "COURSE_RUNS_DIR": str(folder / "runs"),
+            "MPLBACKEND": "Agg",
+        }
+        self.check_timeout = check_timeout
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", "-m", "course_utils.sandbox", "--lab", lab, "--check-timeout", str(check_timeout)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=folder,
+            env=env,
+        )
+        self.lines: queue.Queue = queue.Queue()
+        self.errors: deque = deque(maxlen=20)
+        threading.Thread(target=self._read, args=(self.process.stdout, self.lines.put), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.process.stderr, self.errors.append), daemon=True).start()
+
+    @staticmethod
+    def _read(stream, put) -> None:
+        for line in stream:
+            put(line.rstrip("\n"))
+        put(None)
+
+    def _line(self, timeout: float) -> str | None:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _failure(self, what: str) -> RuntimeError:
+        tail = " / ".join(line for line in self.errors if line)[-500:]
+        return RuntimeError(f"{what}{': ' + tail if tail else ''}")
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        if self._line(timeout) != "ready":
+            raise self._failure("the checker process did not start")
+
+    def run(self, km, extra_tests: str, n_exercises: int) -> dict:
+        process = getattr(getattr(km, "provisioner", None), "process", None)
+        go = {"connection_file": km.connection_file, "pid": getattr(process, "pid", None), "extra": extra_tests}
+        self.process.stdin.write(json.dumps(go) + "\n")
+        self.process.stdin.close()
+        line = self._line(self.check_timeout * (n_exercises + 1) + 60)
+        if not line:
+            raise self._failure("the checks did not finish")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
 
 
 @dataclass
@@ -102,56 +185,6 @@ def student_name(path: Path, submissions: Path, labs: dict[str, str]) -> str:
     return parent.name if parent != submissions else path.stem
 
 
-def _grading_source(lab: str, extra_tests: str, marker: str, check_timeout: int) -> str:
-    """The cell appended to each submission: fresh checks, per-exercise time limit, JSON out."""
-    return textwrap.dedent(
-        f"""
-        def _course_grade():
-            import importlib, json, signal, sys
-            for name in sorted(m for m in sys.modules if m == "course_utils" or m.startswith("course_utils.")):
-                if name != "course_utils.grade":
-                    importlib.reload(sys.modules[name])
-            import course_utils.checks as checks
-            checks = importlib.reload(checks)
-            extra = {{}}
-            exec(compile({extra_tests!r}, "extra-tests", "exec"), extra)
-            def _timeout(signum, frame):
-                raise TimeoutError
-            results = {{}}
-            for ex in checks.exercises({lab!r}):
-                fn = globals().get(ex.name)
-                if fn is None:
-                    missing = "no function named " + ex.name + " after running the notebook"
-                    results[ex.name] = [checks.FAILED, 0.0, ex.points, missing + " (keep the name the exercise gives)"]
-                    continue
-                alarm = hasattr(signal, "SIGALRM")  # Unix; elsewhere only the cell time limit applies
-                if alarm:
-                    signal.signal(signal.SIGALRM, _timeout)
-                    signal.alarm({check_timeout})
-                try:
-                    verdict = checks.evaluate(ex.name, fn)
-                    status, message = verdict.status, verdict.message
-                    private = extra.get("extra_" + ex.name)
-                    if private is not None and status == checks.PASSED:
-                        try:
-                            private(fn)
-                        except checks.CheckFailed as e:
-                            status, message = checks.FAILED, "failed a private test case: " + str(e)
-                        except checks.NotYetImplemented:
-                            status, message = checks.TODO, "not implemented yet"
-                except TimeoutError:
-                    status = checks.FAILED
-                    message = "timed out after {check_timeout} s while checking (an endless loop?)"
-                finally:
-                    if alarm:
-                        signal.alarm(0)
-                results[ex.name] = [status, ex.points if status == checks.PASSED else 0.0, ex.points, message]
-            print({marker!r} + json.dumps(results))
-        _course_grade()
-        """
-    )
-
-
 def grade_one(
     path: Path,
     student: str,
@@ -162,6 +195,7 @@ def grade_one(
     cell_timeout: int = DEFAULT_CELL_TIMEOUT,
     notebook_timeout: int = DEFAULT_NOTEBOOK_TIMEOUT,
     check_timeout: int = DEFAULT_CHECK_TIMEOUT,
+    memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB,
 ) -> Result:
     import nbformat  # optional: the instructors' extra (pip install course_utils[grade])
     from nbclient import NotebookClient  # optional: as above
@@ -191,11 +225,13 @@ def grade_one(
         result.seconds = time.monotonic() - start
         return result
 
-    marker = f"@@course-grade-{secrets.token_hex(8)}@@"
-    with tempfile.TemporaryDirectory(prefix="course-grade-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="course-grade-") as tmp,
+        tempfile.TemporaryDirectory(prefix="course-check-") as checker_dir,
+    ):
         work = Path(tmp)
         (work / "site").mkdir()
-        (work / "site" / "sitecustomize.py").write_text(NO_NETWORK)
+        (work / "site" / "sitecustomize.py").write_text(NO_NETWORK + MEMORY_LIMIT)
         shutil.copy(path, work / path.name)
         env = {
             **_kernel_env(),
@@ -203,8 +239,10 @@ def grade_one(
             "COURSE_PROFILE": "smoke",
             "COURSE_DATA_DIR": str(root / "data"),
             "COURSE_RUNS_DIR": str(work / "runs"),
+            "COURSE_MEMORY_LIMIT": str(int(memory_limit_gb * 2**30)),
             "MPLBACKEND": "Agg",
         }
+        checker = Checker(lab, Path(checker_dir), root, check_timeout)
         client = NotebookClient(
             nb,
             timeout=cell_timeout,
@@ -214,28 +252,31 @@ def grade_one(
             resources={"metadata": {"path": str(work)}},
         )
         deadline = start + notebook_timeout
+        verdicts = None
         try:
             with client.setup_kernel(env=env):
-                for index, cell in enumerate(list(nb.cells)):
-                    if cell.cell_type != "code":
-                        continue
-                    if time.monotonic() > deadline:
-                        result.notes.append(
-                            f"the notebook time limit ({notebook_timeout} s) was reached before code cell {index}; the "
-                            "rest was not run"
-                        )
-                        break
-                    client.execute_cell(cell, index)
-                    _note_error(result, cell, index)
-                grading = nbformat.v4.new_code_cell(_grading_source(lab, extra_tests, marker, check_timeout))
-                nb.cells.append(grading)
-                client.timeout = max(cell_timeout, check_timeout * (len(exercises(lab)) + 1))
-                client.execute_cell(grading, len(nb.cells) - 1)
+                checker.wait_ready()  # every check imported before any of the submission's code runs
+                try:
+                    for index, cell in enumerate(list(nb.cells)):
+                        if cell.cell_type != "code":
+                            continue
+                        if time.monotonic() > deadline:
+                            result.notes.append(
+                                f"the notebook time limit ({notebook_timeout} s) was reached before code cell "
+                                f"{index}; the rest was not run"
+                            )
+                            break
+                        client.execute_cell(cell, index)
+                        _note_error(result, cell, index)
+                except DeadKernelError:
+                    result.notes.append("the kernel died (the notebook crashed Python or exited)")
+                verdicts = checker.run(client.km, extra_tests, len(exercises(lab)))
         except DeadKernelError:
             result.notes.append("the kernel died (the notebook crashed Python or exited)")
         except Exception as e:  # a broken submission must never stop the run
             result.notes.append(f"running the notebook failed: {type(e).__name__}: {e}")
-        verdicts = _read_verdicts(nb, marker)
+        finally:
+            checker.close()
     if verdicts is None:
         _zero(
             result, lab, "the checks could not run: " + (result.notes[-1] if result.notes else "no verdicts came back")
@@ -266,15 +307,6 @@ def _note_error(result: Result, cell, index: int) -> None:
             )
             result.notes.append(f"code cell {index} failed: {reason}"[:300])
             return
-
-
-def _read_verdicts(nb, marker: str) -> dict | None:
-    for output in nb.cells[-1].get("outputs", []):
-        if output.get("output_type") == "stream":
-            for line in output.get("text", "").splitlines():
-                if line.startswith(marker):
-                    return json.loads(line[len(marker) :])
-    return None
 
 
 def _zero(result: Result, lab: str | None, reason: str) -> None:
@@ -328,6 +360,7 @@ def grade_folder(
     cell_timeout: int = DEFAULT_CELL_TIMEOUT,
     notebook_timeout: int = DEFAULT_NOTEBOOK_TIMEOUT,
     check_timeout: int = DEFAULT_CHECK_TIMEOUT,
+    memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB,
     root: Path | None = None,
     progress: bool = True,
 ) -> list[Result]:
@@ -354,6 +387,7 @@ def grade_folder(
                 cell_timeout=cell_timeout,
                 notebook_timeout=notebook_timeout,
                 check_timeout=check_timeout,
+                memory_limit_gb=memory_limit_gb,
             )
         )
     write_gradebook(results, out)
@@ -381,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cell-timeout", type=int, default=DEFAULT_CELL_TIMEOUT, help="seconds per cell")
     parser.add_argument("--notebook-timeout", type=int, default=DEFAULT_NOTEBOOK_TIMEOUT, help="seconds per notebook")
     parser.add_argument("--check-timeout", type=int, default=DEFAULT_CHECK_TIMEOUT, help="seconds per exercise check")
+    parser.add_argument(
+        "--memory-limit",
+        type=float,
+        default=DEFAULT_MEMORY_LIMIT_GB,
+        help="GB of address space per submission's kernel (0: no limit)",
+    )
     args = parser.parse_args(argv)
     results = grade_folder(
         args.submissions,
@@ -390,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         cell_timeout=args.cell_timeout,
         notebook_timeout=args.notebook_timeout,
         check_timeout=args.check_timeout,
+        memory_limit_gb=args.memory_limit,
     )
     print(f"{'student':24} {'lab':>3} {'score':>9} {'seconds':>8}")
     for r in results:

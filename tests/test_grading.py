@@ -76,6 +76,11 @@ def make_submissions(folder: Path) -> None:
     write("gina_01_tokenisation.ipynb", '{"cells": [ this is not json')
     hank = replace_in_cell(complete, "def pair_counts(", "def pair_counts(", "def count_pairs(")
     write("hank_01_tokenisation.ipynb", hank)
+    for name, source in FORGERIES.items():
+        write(f"{name}_01_tokenisation.ipynb", minimal_notebook(source))
+    sam = minimal_notebook(HOG)
+    sam["cells"].insert(1, find_cell(complete, "def pair_counts(") | {"outputs": [], "execution_count": None})
+    write("sam_01_tokenisation.ipynb", sam)
     ivan = replace_in_cell(
         complete,
         "def merge_pair(",
@@ -84,6 +89,91 @@ def make_submissions(folder: Path) -> None:
     )
     write("ivan_01_tokenisation.ipynb", ivan)
 
+
+def minimal_notebook(source: str) -> dict:
+    return {
+        "cells": [
+            {"id": "title", "cell_type": "markdown", "metadata": {}, "source": "# Lab 01 — Tokenisation"},
+            {
+                "id": "forgery",
+                "cell_type": "code",
+                "metadata": {},
+                "source": source,
+                "outputs": [],
+                "execution_count": None,
+            },
+        ],
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+
+
+# Wrong answers under each exercise's name: a forgery must make these pass to gain anything.
+STUBS = """
+def pair_counts(ids):
+    return {}
+def merge_pair(ids, pair, new_id):
+    return []
+def train_bpe(text, vocab_size):
+    return {}
+def bpe_encode(text, merges):
+    return []
+def bpe_decode(ids, merges):
+    return ""
+"""
+NAMES = ["pair_counts", "merge_pair", "train_bpe", "bpe_encode", "bpe_decode"]
+FORGED_REPORT = (
+    "import json\n"
+    f"verdicts = {{n: ['passed', 1.0, 1.0, 'passed all cases'] for n in {NAMES!r}}}\n"
+    "print(json.dumps(verdicts))\n"
+    "print('@@course-grade@@' + json.dumps(verdicts))\n"
+)
+# One submission per way a determined student might try to forge a grade (each earns 0, with a reason).
+FORGERIES = {
+    "kim": STUBS  # the import system: checks can no longer be reloaded, and are patched to pass
+    + "import importlib\nimport course_utils.checks as c\n"
+    "importlib.reload = lambda module: module\n"
+    "c.evaluate = lambda name, fn: c.Verdict('01', name, c.PASSED, 'passed', 1.0, 1.0)\n",
+    "lena": STUBS  # a standard-library module the grader's code in the kernel uses
+    + "import pathlib\n_write = pathlib.Path.write_text\n"
+    + FORGED_REPORT.replace("print(", "_ = (")
+    + "def forged_write(self, text, *args, **kwargs):\n"
+    "    return _write(self, json.dumps(verdicts) if self.name.startswith('reply') else text, *args, **kwargs)\n"
+    "pathlib.Path.write_text = forged_write\n",
+    "mona": STUBS  # a fake course_utils in the working folder, first on sys.path
+    + "import os, sys\nos.makedirs('course_utils', exist_ok=True)\n"
+    "open('course_utils/__init__.py', 'w').write('')\n"
+    "open('course_utils/checks.py', 'w').write('def evaluate(name, fn):\\n    return None\\n')\n"
+    "sys.path.insert(0, os.getcwd())\n"
+    "for m in [m for m in sys.modules if m.startswith('course_utils')]:\n    del sys.modules[m]\n",
+    "nina": STUBS  # IPython itself: every later cell replaced by a forged report
+    + "report = "
+    + repr(FORGED_REPORT)
+    + "\n"
+    "get_ipython().input_transformers_post.append(lambda lines: report.splitlines(keepends=True))\n",
+    "omar": STUBS + FORGED_REPORT,  # a report printed where the old grader read its verdicts
+    "pia": (  # results whose comparisons always succeed, and one that is no data at all
+        "class YesDict(dict):\n    __eq__ = lambda self, other: True\n    __ne__ = lambda self, other: False\n"
+        "class YesList(list):\n    __eq__ = lambda self, other: True\n    __ne__ = lambda self, other: False\n"
+        "class Forged:\n    __eq__ = lambda self, other: True\n    __ne__ = lambda self, other: False\n"
+        "def pair_counts(ids):\n    return YesDict()\n"
+        "def merge_pair(ids, pair, new_id):\n    return YesList()\n"
+        "def train_bpe(text, vocab_size):\n    return YesDict()\n"
+        "def bpe_encode(text, merges):\n    return YesList()\n"
+        "def bpe_decode(ids, merges):\n    return Forged()\n"
+    ),
+    "quin": STUBS.replace(  # functions that disarm the checks when they are called
+        "    return",
+        "    import sys\n"
+        "    for m in list(sys.modules.values()):\n"
+        "        if getattr(m, '__name__', '').startswith('course_utils.checks'):\n"
+        "            m.expect = m.expect_equal = lambda *a, **k: None\n"
+        "    return",
+    ),
+    "rosa": STUBS + FORGED_REPORT + "import os\nos._exit(0)\n",  # a forged report, then the kernel is gone
+}
+HOG = "hog = bytearray(16 * 2**30)  # more than the grader's memory limit\n"
 
 PRIVATE = """
 from course_utils.checks import call, expect_equal
@@ -104,7 +194,25 @@ frank,01,0,0,0,0,0,0,5
 gina,01,0,0,0,0,0,0,5
 hank,01,0,1,0,0,1,2,5
 ivan,01,1,0,1,1,1,4,5
+kim,01,0,0,0,0,0,0,5
+lena,01,0,0,0,0,0,0,5
+mona,01,0,0,0,0,0,0,5
+nina,01,0,0,0,0,0,0,5
+omar,01,0,0,0,0,0,0,5
+pia,01,0,0,0,0,0,0,5
+quin,01,0,0,0,0,0,0,5
+rosa,01,0,0,0,0,0,0,5
+sam,01,1,0,0,0,0,1,5
 """
+
+
+def checkout_files() -> dict[str, int]:
+    skip = {".git", ".venv", ".pytest_cache", ".hypothesis", ".ruff_cache", "__pycache__"}
+    return {
+        str(p.relative_to(ROOT)): p.stat().st_mtime_ns
+        for p in ROOT.rglob("*")
+        if p.is_file() and not skip.intersection(p.relative_to(ROOT).parts)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +222,11 @@ def graded(tmp_path_factory):
     private = folder.parent / "private.py"
     private.write_text(PRIVATE)
     out = folder.parent / "out" / "gradebook.csv"
-    results = grade.grade_folder(folder, out, extra_tests=private, cell_timeout=20, check_timeout=5, progress=False)
+    before = checkout_files()
+    results = grade.grade_folder(
+        folder, out, extra_tests=private, cell_timeout=20, check_timeout=5, memory_limit_gb=4, progress=False
+    )
+    assert checkout_files() == before, "grading wrote into the course checkout"
     return out, results
 
 
@@ -135,11 +247,20 @@ def feedback(graded, student: str) -> str:
         ("bob", ["⏳ pair_counts (0/1): not implemented yet"]),
         ("carol", ["✅ merge_pair (1/1)", "⏳ train_bpe"]),
         ("dave", ["no function named train_bpe", "SyntaxError"]),
-        ("erin", ["❌ bpe_decode (0/1)", "TimeoutError", "time limit and was interrupted"]),
+        ("erin", ["❌ bpe_decode (0/1): timed out after 5 s while checking", "time limit and was interrupted"]),
         ("frank", ["⏳ bpe_decode (0/1): not implemented yet"]),
         ("gina", ["not a valid notebook", "JSONDecodeError"]),
         ("hank", ["no function named pair_counts", "NameError"]),
         ("ivan", ["failed a private test case", "expected [256, 0]"]),
+        ("kim", ["❌ pair_counts (0/1): on ", "expected"]),
+        ("lena", ["❌ bpe_decode (0/1)", "not an answer"]),
+        ("mona", ["❌ train_bpe (0/1)", "did not run in your notebook's kernel"]),
+        ("nina", ["❌ bpe_encode (0/1)", "did not run in your notebook's kernel"]),
+        ("omar", ["❌ merge_pair (0/1): on ", "expected"]),
+        ("pia", ["❌ pair_counts (0/1): on ", "❌ bpe_decode (0/1)", "returned a Forged, which cannot be checked"]),
+        ("quin", ["❌ train_bpe (0/1): on ", "expected"]),
+        ("rosa", ["❌ pair_counts (0/1)", "not running any more"]),
+        ("sam", ["✅ pair_counts (1/1)", "MemoryError", "no function named merge_pair"]),
     ],
 )
 def test_feedback_says_why(graded, student, phrases):

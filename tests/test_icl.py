@@ -54,6 +54,15 @@ def test_a_faded_part_of_the_mixture_disappears_and_resumes_exactly():
     assert torch.equal(resumed.next()[0], again.next()[0]) and resumed.draws == again.draws == 6
     with pytest.raises(ValueError, match="fade="):
         data.BatchSampler([ones, zeros], 4, 8, weights=[0.5, 0.5], fade={2: 10})
+    with pytest.raises(ValueError, match="fade="):
+        data.BatchSampler([ones, zeros], 4, 8, weights=[0.5, 0.5], fade={1: (10, 1.5)})
+
+
+def test_a_part_faded_to_a_floor_keeps_that_share():
+    ones, zeros = np.ones(1000, dtype=np.uint16), np.zeros(1000, dtype=np.uint16)
+    sampler = data.BatchSampler([ones, zeros], 2000, 8, seed=0, weights=[0.5, 0.5], fade={1: (10, 0.2)})
+    shares = [float((sampler.next()[0] == 0).float().mean()) for _ in range(14)]
+    assert shares[0] > 0.4 and all(0.13 < s < 0.2 for s in shares[10:])  # weights 0.5 and 0.1: one in six
 
 
 def test_copy_sequences_repeat_their_span():

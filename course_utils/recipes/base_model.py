@@ -88,7 +88,11 @@ def mixture(args, tokenizer, world) -> tuple[list, list[float], dict[int, int], 
     shares = {k: v for k, v in shares.items() if k in parts}
     shares["stories"] = 1.0 - sum(shares.values())
     names = list(parts)
-    fade = {names.index("copy"): args.copy_fade * args.grad_accum} if args.copy and args.copy_fade else {}
+    fade = (
+        {names.index("copy"): (args.copy_fade * args.grad_accum, args.copy_floor)}
+        if args.copy and args.copy_fade
+        else {}
+    )
     return [parts[n] for n in names], [shares[n] for n in names], fade, shares, hashes
 
 
@@ -109,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list-documents", type=int, default=20_000)
     parser.add_argument("--copy", type=float, default=0.15, help="share from copy sequences of random ordinary tokens")
     parser.add_argument(
-        "--copy-fade", type=int, default=1500, help="steps over which the copy share falls to 0 (0: never)"
+        "--copy-fade", type=int, default=1500, help="steps over which the copy share falls to its floor (0: never)"
+    )
+    parser.add_argument(
+        "--copy-floor", type=float, default=0.0, help="the fraction of the copy share kept after it has faded"
     )
     parser.add_argument("--probe-people", type=int, default=None, help="people per split whose facts the card measures")
     parser.add_argument("--n-eval", type=int, default=300, help="questions per few-shot and in-context measure")
@@ -184,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_seen": trainer.step * trainer.tokens_per_step,
         "mixture": {k: round(v, 4) for k, v in shares.items()},
         "copy_fade_steps": args.copy_fade,
+        "copy_floor": args.copy_floor,
         "val_loss_tinystories": round(val_loss, 4),
         "copy_loss_first": round(first, 4),
         "copy_loss_second": round(second, 4),
