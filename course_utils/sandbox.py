@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from jupyter_client import BlockingKernelClient  # imported before the submission runs, like every check
 
 from . import checks, checks_lab03
 from .checks import FAILED, PASSED, TODO, CheckFailed, NotYetImplemented, RemoteProblem
@@ -350,8 +351,6 @@ class Kernel:
     """The student's kernel, reached through its connection file; calls run as ``serve`` there."""
 
     def __init__(self, connection_file: str, pid: int | None, folder: Path):
-        from jupyter_client import BlockingKernelClient  # heavy: only the checker talks to kernels
-
         self.pid, self.folder, self.calls = pid, folder, 0
         self.client = BlockingKernelClient()
         self.client.load_connection_file(connection_file)
