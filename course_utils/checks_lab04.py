@@ -1,4 +1,5 @@
-"""Checks for Lab 04 (pretraining). References: :mod:`course_utils.train` and :mod:`course_utils.model`;
+"""Checks for Lab 04 (pretraining). References: ``F.cross_entropy`` for ``next_token_loss``,
+:mod:`course_utils.train` and :mod:`course_utils.model`;
 ``optimisation_step`` is what ``Trainer.train_step`` does, and ``model_flops_utilisation`` uses
 ``GPT.flops_per_token`` and the peak table ``train.PEAK_FLOPS``."""
 
@@ -9,12 +10,50 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .checks import call, exercise, expect
 from .model import GPT, GPT2_SMALL_PARAMETERS, GPTConfig
 from .train import PEAK_FLOPS, warmup_cosine_lr
 
 LAB = "04"
+
+
+@exercise(LAB, "next_token_loss", "next-token cross-entropy by hand")
+def _check_next_token_loss(fn) -> None:
+    g = torch.Generator().manual_seed(4)
+    cases = [(2, 5, 1.0), (7, 11, 3.0), (12, 50, 1.0), (6, 9, 1000.0)]  # the last: logits far beyond exp's range
+    for length, vocab, scale in cases:
+        logits = torch.randn(length, vocab, generator=g, dtype=torch.float64) * scale
+        ids = torch.randint(0, vocab, (length,), generator=g)
+        case = f"{length} positions over {vocab} tokens, logits of size about {scale:g}"
+        got = call(fn, logits.clone(), ids.clone(), case=case)
+        expected = F.cross_entropy(logits[:-1], ids[1:]).item()
+        expect(
+            isinstance(got, torch.Tensor) and got.numel() == 1,
+            f"on {case}: return the mean loss as a tensor holding one number, got {type(got).__name__}"
+            + (f" of shape {tuple(got.shape)}" if isinstance(got, torch.Tensor) else ""),
+        )
+        value = got.double().item()
+        expect(
+            math.isfinite(value),
+            f"on {case}: your loss is {value}: exp overflows. Subtract each row's maximum m before exponentiating: "
+            "log sum exp(z) = m + log sum exp(z - m)",
+        )
+        expect(
+            not math.isclose(value, F.cross_entropy(logits, ids).item(), rel_tol=1e-9),
+            f"on {case}: you scored logits[t] against ids[t]. The logits at position t predict the next token: "
+            "pair logits[:-1] with ids[1:]",
+        )
+        expect(
+            length == 2 or not math.isclose(value, expected * (length - 1), rel_tol=1e-6),
+            f"on {case}: you returned the sum over the {length - 1} predictions; average them",
+        )
+        expect(
+            math.isclose(value, expected, rel_tol=1e-6, abs_tol=1e-9),
+            f"on {case}: expected {expected:.6f}, got {value:.6f}. The loss is the mean over t of "
+            "-log softmax(logits[t])[ids[t + 1]]",
+        )
 
 
 @exercise(LAB, "warmup_cosine_lr", "warm-up and cosine schedule")

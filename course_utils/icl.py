@@ -8,6 +8,9 @@
   early ones, the model uses what it has read so far.
 * **Few-shot prompts** (:func:`few_shot_prompt`): questions and answers before the question asked;
   the examples say which attribute and which format are wanted.
+* **Lookups** (:func:`lookup_rows`, ``python -m course_utils.icl``): keys of several tokens, the same
+  words after each, then a value; finding the value of a key asked again needs more than one token
+  matched, which the short convolution (``GPTConfig.conv_width``) makes learnable.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from .data import BatchSampler
-from .model import GPT, generate_batched
+from .model import GPT, GPTConfig, generate_batched
 from .tokenizer import ENDOFTEXT
-from .world import ANSWER_TEMPLATES, PROBED, QUESTION_TEMPLATES, World, answer_matches, fresh_people
+from .world import ANSWER_TEMPLATES, PROBED, QUESTION_TEMPLATES, World, answer_matches, fresh_people, normalise_answer
 
 
 def repeated_sequences(vocabulary: np.ndarray, n_rows: int, length: int, separator: int, seed: int = 0) -> torch.Tensor:
@@ -169,18 +172,40 @@ def few_shot_prompts(
 
 def exact_match(predictions: Sequence[str], items: Sequence[dict]) -> float:
     """Share of predictions that give the item's answer (:func:`~course_utils.world.answer_matches`:
-    case, punctuation and articles aside, the answer or the answer followed by more words)."""
+    case, punctuation and articles aside, the answer or the answer followed by more words). An item
+    with a ``lead`` (``"Hivor Seinwell was born in"``) also takes a whole-sentence reply: the lead,
+    then the answer."""
     if len(predictions) != len(items) or not items:
         raise ValueError(f"{len(predictions)} predictions for {len(items)} items: give one per item")
-    return sum(answer_matches(p, i["answer"]) for p, i in zip(predictions, items, strict=True)) / len(items)
+    return sum(_gives_answer(p, i) for p, i in zip(predictions, items, strict=True)) / len(items)
+
+
+def _gives_answer(prediction: str, item: dict) -> bool:
+    if answer_matches(prediction, item["answer"]):
+        return True
+    lead = item.get("lead")
+    if not lead:
+        return False
+    words, lead_words = normalise_answer(prediction).split(), normalise_answer(lead).split()
+    return words[: len(lead_words)] == lead_words and answer_matches(" ".join(words[len(lead_words) :]), item["answer"])
 
 
 def in_context_facts(
-    n_items: int, n_people: int = 5, attribute: str = "birth_city", seed: int = 0, exclude=frozenset()
+    n_items: int,
+    n_people: int = 5,
+    attribute: str = "birth_city",
+    seed: int = 0,
+    exclude=frozenset(),
+    start_answer: bool = False,
 ):
     """Prompts that state one fact about each of ``n_people`` invented people (:func:`fresh_people`),
     then ask it about one of them: only reading the prompt can answer. Returns items with
-    ``prompt`` and ``answer`` (chance: one in ``n_people``, less where two share a value)."""
+    ``prompt``, ``answer`` and ``lead`` (the answer may come bare or as the statement's whole sentence;
+    chance: one in ``n_people``, less where two share a value).
+
+    With ``start_answer`` the prompt also begins the answer in the words the facts were stated in
+    (``A: Hivor Seinwell was born in``), so the words before the wanted value are the same as in the
+    statement: a model that matches the last few tokens against its context finds it there."""
     rng = random.Random(f"in-context:{seed}")
     people = fresh_people(n_items * n_people, 1_000 + seed, exclude)
     items = []
@@ -189,5 +214,111 @@ def in_context_facts(
         asked = rng.choice(group)
         facts = " ".join(ANSWER_TEMPLATES[attribute].format(name=p.name, value=p.fact(attribute)) for p in group)
         question = rng.choice(QUESTION_TEMPLATES[attribute]).format(name=asked.name)
-        items.append({"prompt": f"{facts}\nQ: {question}\nA:", "answer": asked.fact(attribute), "name": asked.name})
+        lead = ANSWER_TEMPLATES[attribute].split("{value}")[0].format(name=asked.name).rstrip()
+        prompt = f"{facts}\nQ: {question}\nA:" + (" " + lead if start_answer else "")
+        item = {"prompt": prompt, "answer": asked.fact(attribute), "name": asked.name}
+        items.append(item if start_answer else {**item, "lead": lead})
     return items
+
+
+def lookup_rows(
+    n_rows: int,
+    pairs: int = 6,
+    key_length: int = 6,
+    gap: int = 3,
+    generator: torch.Generator | None = None,
+    vocabulary: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic lookup (multi-query associative recall, Arora et al. 2023) shaped like a prompt of
+    facts: ``pairs`` keys of ``key_length`` random ids, each followed by the same ``gap`` ids (the
+    "was born in") and a value; a separator; then every key again in a new order, with the gap, and its
+    value. Returns ``(ids, targets)``, (n_rows, length) each; targets are -1 except at the values asked
+    for, so a loss or an accuracy on them measures the lookup alone. Ids: keys from 10–199, gap from
+    200–, values from 300–(vocabulary - 1), separator 1."""
+    keys_from, gap_ids, values_from, separator = 10, torch.arange(200, 200 + gap), 300, 1
+    if vocabulary <= values_from + pairs or gap > 100:
+        raise ValueError(f"a vocabulary of {vocabulary} ids and a gap of {gap} leave no room for the values")
+    rows, targets = [], []
+    for _ in range(n_rows):
+        keys = torch.randint(keys_from, 200, (pairs, key_length), generator=generator)
+        values = torch.randint(values_from, vocabulary, (pairs,), generator=generator)
+        stated = [torch.cat([k, gap_ids, v.view(1)]) for k, v in zip(keys, values, strict=True)]
+        order = torch.randperm(pairs, generator=generator)
+        asked = [torch.cat([keys[i], gap_ids, values[i].view(1)]) for i in order]
+        row = torch.cat([*stated, torch.tensor([separator]), *asked])
+        target = torch.full_like(row, -1)
+        start = len(row) - pairs * (key_length + gap + 1)
+        for j, i in enumerate(order):  # the value of query j is predicted from the position just before it
+            at = start + (j + 1) * (key_length + gap + 1) - 2
+            target[at] = values[i]
+        rows.append(row)
+        targets.append(target)
+    return torch.stack(rows), torch.stack(targets)
+
+
+def lookup_accuracy(model: GPT, ids: torch.Tensor, targets: torch.Tensor) -> float:
+    """Share of the asked values (``targets`` >= 0) that the model predicts first (greedy)."""
+    with torch.no_grad():
+        logits, _ = model(ids)
+    asked = targets >= 0
+    return (logits.argmax(-1)[asked] == targets[asked]).float().mean().item()
+
+
+def train_lookup(
+    config: GPTConfig, steps: int, *, batch_size: int = 32, lr: float = 3e-3, every: int = 100, seed: int = 0, **rows
+) -> list[tuple[int, float]]:
+    """Train ``config`` from scratch on :func:`lookup_rows` (loss on the asked values only) and return
+    ``(step, accuracy)`` on fresh rows every ``every`` steps."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = GPT(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    curve = []
+    for step in range(1, steps + 1):
+        ids, targets = lookup_rows(batch_size, generator=g, vocabulary=config.vocab_size, **rows)
+        logits, _ = model(ids)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % every == 0 or step == steps:
+            model.eval()
+            curve.append(
+                (step, lookup_accuracy(model, *lookup_rows(128, generator=g, vocabulary=config.vocab_size, **rows)))
+            )
+            model.train()
+    return curve
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m course_utils.icl``: the synthetic lookup, learned with and without the short
+    convolution, same model and budget otherwise."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Synthetic lookups with and without the short convolution")
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--key-length", type=int, default=6)
+    parser.add_argument("--gap", type=int, default=3)
+    parser.add_argument("--widths", type=int, nargs="+", default=[0, 8])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="the transition's timing varies by seed")
+    args = parser.parse_args(argv)
+    rows = {"key_length": args.key_length, "gap": args.gap}
+    length = lookup_rows(1, **rows)[0].size(1)
+    for seed, width in ((s, w) for s in args.seeds for w in args.widths):
+        config = GPTConfig(
+            vocab_size=512,
+            context_length=length,
+            n_layer=2,
+            n_head=4,
+            n_embd=128,
+            position="rope",
+            smear_keys=True,
+            conv_width=width,
+        )
+        curve = train_lookup(config, args.steps, seed=seed, **rows)
+        print(f"seed {seed}, conv_width {width}: accuracy " + ", ".join(f"{a:.2f}@{s}" for s, a in curve), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

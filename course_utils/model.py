@@ -29,6 +29,10 @@ class GPTConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 256
+    # Heads of keys and values, each shared by n_head // n_kv_head query heads: n_head is multi-head
+    # attention, 1 is multi-query (Shazeer 2019), in between grouped-query (Ainslie et al. 2023); the KV
+    # cache shrinks by n_head / n_kv_head. None: as many as n_head.
+    n_kv_head: int | None = None
     dropout: float = 0.0
     bias: bool = True
     # The embedding and output layer get rows up to a multiple of this, so their matrix multiplies
@@ -44,6 +48,10 @@ class GPTConfig:
     # Smeared keys (Olsson et al. 2022): each head's key is a learned mix of the key of its own token
     # and of the token before, so one layer can match "the token after an earlier copy of mine"
     smear_keys: bool = False
+    # A short causal convolution (Allen-Zhu 2025's "Canon layers"): before attention, each position
+    # adds a learned per-channel mix of itself and the conv_width - 1 positions before it, so a key or
+    # query can carry the last few tokens, not just its own (0: off)
+    conv_width: int = 0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd", "pad_vocab_to"):
@@ -55,12 +63,21 @@ class GPTConfig:
                 f"GPTConfig.n_head={self.n_head} must divide n_embd={self.n_embd} (each head gets n_embd // n_head "
                 "dimensions)"
             )
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if not isinstance(self.n_kv_head, int) or self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"GPTConfig.n_kv_head={self.n_kv_head!r} must be a positive divisor of n_head={self.n_head} "
+                "(each key/value head serves the same number of query heads)"
+            )
         if self.position not in ("learned", "rope"):
             raise ValueError(f"GPTConfig.position must be 'learned' or 'rope', got {self.position!r}")
         if self.position == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(
                 f"rotary positions rotate pairs of dimensions: the head size {self.n_embd // self.n_head} must be even"
             )
+        if not isinstance(self.conv_width, int) or self.conv_width < 0 or self.conv_width == 1:
+            raise ValueError(f"GPTConfig.conv_width must be 0 (off) or at least 2, got {self.conv_width!r}")
         if self.attention not in ("sdpa", "naive"):
             raise ValueError(f"GPTConfig.attention must be 'sdpa' or 'naive', got {self.attention!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -133,11 +150,16 @@ class KVCache:
         if self.max_len > config.context_length:
             raise ValueError(f"KVCache max_len={self.max_len} exceeds context_length={config.context_length}")
         hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, self.max_len, hs)
+        shape = (config.n_layer, batch_size, config.n_kv_head, self.max_len, hs)  # only the shared heads
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         # smeared keys need the raw key of the last token seen, per layer: (n_layer, B, nh, 1, hs)
         self.last_key = torch.zeros((*shape[:3], 1, hs), device=device, dtype=dtype) if config.smear_keys else None
+        # the short convolution needs the last conv_width - 1 inputs of every layer: (n_layer, B, w - 1, C)
+        w = config.conv_width
+        self.conv_inputs = (
+            torch.zeros((config.n_layer, batch_size, w - 1, config.n_embd), device=device, dtype=dtype) if w else None
+        )
         self.pos = 0  # tokens stored so far
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,22 +179,26 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        kv_width = config.n_kv_head * (config.n_embd // config.n_head)
+        # q for every head, k and v for the shared heads, in one matrix multiply
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.naive = config.attention == "naive"
         self.resid_dropout = nn.Dropout(config.dropout)
         # per head, the share of a key that is its own token's: sigmoid(0) = one half to start with
-        self.smear = nn.Parameter(torch.zeros(config.n_head)) if config.smear_keys else None
+        self.smear = nn.Parameter(torch.zeros(config.n_kv_head)) if config.smear_keys else None
 
     def qkv(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0, rope=None):
         """Queries, keys and values of every head, (B, nh, T, hs) each, keys smeared and positions
         rotated where the model does so."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, nh, T, hs): heads become a batch dimension
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split([C, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
+        # (B, T, heads * hs) -> (B, heads, T, hs): heads become a batch dimension
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_kv_head, hs).transpose(1, 2) for t in (k, v))
         if self.smear is not None:
             k = self.smear_keys(k, cache, layer, start)
         if rope is not None:  # rotary positions: (cos, sin) of positions start .. start + T - 1
@@ -182,6 +208,7 @@ class CausalSelfAttention(nn.Module):
     def attention_weights(self, x: torch.Tensor, rope=None) -> torch.Tensor:
         """softmax(q k^T / sqrt(hs)) under the causal mask, for looking at: (B, nh, T, T)."""
         q, k, _ = self.qkv(x, rope=rope)
+        k = self.share(k)
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
         return torch.softmax(scores.masked_fill(~causal_mask(x.size(1), device=x.device), float("-inf")), dim=-1)
 
@@ -192,18 +219,24 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x, cache, layer, start, rope)
         dropout = self.dropout if self.training else 0.0
         if self.naive and cache is None:
-            y = naive_attention(q, k, v, causal_mask(T, device=x.device))
+            y = naive_attention(q, self.share(k), self.share(v), causal_mask(T, device=x.device))
         elif cache is None or start == 0:
             if cache is not None:
                 cache.update(layer, k, v, 0)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, self.share(k), self.share(v), is_causal=True, dropout_p=dropout)
         else:
-            k, v = cache.update(layer, k, v, start)  # (B, nh, start + T, hs)
+            k, v = cache.update(layer, k, v, start)  # (B, n_kv_head, start + T, hs)
             # query i (absolute position start + i) sees keys 0 .. start + i
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, self.share(k), self.share(v), attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
+
+    def share(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, n_kv_head, T, hs) keys or values -> (B, n_head, T, hs): each shared head repeated for the
+        query heads of its group (heads 0..g-1 read shared head 0, and so on)."""
+        groups = self.n_head // self.n_kv_head
+        return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
     def smear_keys(self, k: torch.Tensor, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
         """k (B, nh, T, hs) -> each key mixed with the key of the token before it (the first token of
@@ -214,6 +247,30 @@ class CausalSelfAttention(nn.Module):
             cache.last_key[layer] = k[:, :, -1:]
         mix = torch.sigmoid(self.smear).view(1, -1, 1, 1).to(k.dtype)
         return mix * k + (1 - mix) * previous
+
+
+class ShortConv(nn.Module):
+    """x + a causal depthwise convolution of x over the last ``width`` positions (a Canon layer):
+    y_t = x_t + sum_j w_j * x_{t-j}, one weight per channel and offset, zero before the sequence."""
+
+    def __init__(self, n_embd: int, width: int):
+        super().__init__()
+        self.width = width
+        self.weight = nn.Parameter(torch.zeros(n_embd, width))  # [:, j]: offset j; zero: starts as identity
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        w = self.width
+        if cache is not None and start > 0:
+            before = cache.conv_inputs[layer].to(x.dtype)
+        else:
+            before = x.new_zeros(B, w - 1, C)
+        padded = torch.cat([before, x], dim=1)  # (B, w - 1 + T, C)
+        if cache is not None:
+            cache.conv_inputs[layer] = padded[:, -(w - 1) :]
+        weight = self.weight.to(x.dtype)
+        mixed = sum(padded[:, w - 1 - j : w - 1 - j + T] * weight[:, j] for j in range(w))
+        return x + mixed
 
 
 class MLP(nn.Module):
@@ -234,6 +291,7 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.conv = ShortConv(config.n_embd, config.conv_width) if config.conv_width else None
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
@@ -241,8 +299,13 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0, rope=None
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, start, rope)
+        x = x + self.attn(self.attention_input(x, cache, layer, start), cache, layer, start, rope)
         return x + self.mlp(self.ln_2(x))
+
+    def attention_input(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+        """What attention reads: the normalised residual stream, convolved where the model does so."""
+        h = self.ln_1(x)
+        return self.conv(h, cache, layer, start) if self.conv is not None else h
 
 
 class GPT(nn.Module):
@@ -316,7 +379,7 @@ class GPT(nn.Module):
             rope = (self.rope_cos[:T], self.rope_sin[:T])
         maps = []
         for block in self.h:
-            maps.append(block.attn.attention_weights(block.ln_1(x), rope))
+            maps.append(block.attn.attention_weights(block.attention_input(x), rope))
             x = block(x, rope=rope)
         return torch.stack(maps)
 

@@ -393,7 +393,7 @@ def peak_flops(device: torch.device | str) -> float | None:
 
 
 #: GPTConfig fields the command line sets (the vocabulary comes from the tokenizer).
-MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "context_length", "dropout", "position", "smear_keys")
+MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "context_length", "dropout", "position", "smear_keys", "conv_width")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -616,8 +616,9 @@ def reading_documents(n_documents: int, seed: int = 0, exclude: set[str] = froze
 
     * a biography, then questions about it, answered in sentences (or, less often, in a word);
     * a biography, then a one-sentence summary of two of its facts;
-    * three to six people with one fact each, then a question about one of them answered with the bare
-      value (a lookup: half of all documents, as it is the hardest to learn)."""
+    * three to six people with one fact each, then questions about one to three of them answered with
+      the bare value or the whole sentence (a lookup: half of all documents, as it is the hardest to
+      learn)."""
     rng = random.Random(f"reading:{seed}")
     people = fresh_people(2 * n_documents, seed, exclude)
     documents = []
@@ -639,8 +640,29 @@ def reading_documents(n_documents: int, seed: int = 0, exclude: set[str] = froze
             attribute = rng.choice(("birth_city", "employer", "university", "field"))
             rng.shuffle(group)
             facts = " ".join(ANSWER_TEMPLATES[attribute].format(name=q.name, value=q.fact(attribute)) for q in group)
-            asked = rng.choice(group)
-            documents.append(facts + "\n" + _fact_line("qa_short", asked, attribute, rng))
+            asked = rng.sample(group, rng.randint(1, min(3, len(group))))
+            fmt = rng.choice(("qa_short", "qa_sentence"))
+            documents.append(facts + "\n" + "\n".join(_fact_line(fmt, q, attribute, rng) for q in asked))
+    return documents
+
+
+def lookup_documents(
+    n_documents: int, seed: int = 0, exclude: set[str] = frozenset(), sizes: tuple[int, int] = (3, 8)
+) -> list[str]:
+    """Dense lookups: three to eight invented people with one fact each, in the sentences of
+    :data:`ANSWER_TEMPLATES`, then questions about most of them in a new order, answered with the bare
+    value or the whole sentence. Every answer is in the document already and the people are
+    interchangeable, so the only way to predict one is to find the sentence about the person asked."""
+    rng = random.Random(f"lookups:{seed}")
+    people = fresh_people(4 * n_documents, 50_000 + seed, exclude)
+    documents = []
+    for _ in range(n_documents):
+        group = rng.sample(people, rng.randint(*sizes))
+        attribute = rng.choice(("birth_city", "employer", "university", "field"))
+        facts = " ".join(ANSWER_TEMPLATES[attribute].format(name=p.name, value=p.fact(attribute)) for p in group)
+        asked = rng.sample(group, rng.randint(max(1, len(group) // 2), len(group)))
+        fmt = rng.choice(("qa_short", "qa_sentence"))
+        documents.append(facts + "\n" + "\n".join(_fact_line(fmt, q, attribute, rng) for q in asked))
     return documents
 
 

@@ -134,6 +134,7 @@ def test_a_reload_of_the_checks_module_keeps_every_exercise():
 import math  # noqa: E402
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import course_utils.model as gpt  # noqa: E402
 
@@ -236,6 +237,11 @@ def _step_keeping_gradients(model, optimizer, batches, grad_clip):
     return total
 
 
+def _loss_without_the_maximum(logits, ids):
+    z, targets = logits[:-1], ids[1:]
+    return (z.exp().sum(-1).log() - z.gather(1, targets[:, None])[:, 0]).mean()
+
+
 @pytest.mark.parametrize(
     "exercise, fn, words",
     [
@@ -249,6 +255,10 @@ def _step_keeping_gradients(model, optimizer, batches, grad_clip):
         ("optimisation_step", _step_without_clipping, "clip"),
         ("optimisation_step", _step_keeping_gradients, "zero_grad"),
         ("model_flops_utilisation", lambda n, nl, ne, t, tps, peak: 6 * n * tps / peak, "12 n_layer n_embd T"),
+        ("next_token_loss", lambda z, ids: F.cross_entropy(z, ids), "pair logits[:-1] with ids[1:]"),
+        ("next_token_loss", lambda z, ids: F.cross_entropy(z[:-1], ids[1:], reduction="sum"), "average them"),
+        ("next_token_loss", _loss_without_the_maximum, "Subtract each row's maximum"),
+        ("next_token_loss", lambda z, ids: F.cross_entropy(z[:-1], ids[1:]).tolist(), "as a tensor"),
     ],
 )
 def test_lab04_mistakes_get_an_actionable_verdict(exercise, fn, words):

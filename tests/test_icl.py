@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from course_utils import data, icl, world
-from course_utils.model import GPT, GPTConfig, apply_rope, generate, rope_angles
+from course_utils.model import GPT, GPTConfig, KVCache, apply_rope, generate, rope_angles
 from course_utils.train import TrainConfig, Trainer
 
 VOCAB = 97
@@ -39,6 +39,31 @@ def test_a_rotary_model_generates_the_same_with_and_without_the_cache():
         GPTConfig(n_embd=30, n_head=2, position="rope")
     with pytest.raises(ValueError, match="'learned' or 'rope'"):
         GPTConfig(position="alibi")
+
+
+def test_short_convolutions_look_back_only_and_keep_the_cache_exact():
+    torch.manual_seed(0)
+    config = GPTConfig(
+        vocab_size=VOCAB, context_length=32, n_layer=2, n_head=2, n_embd=32, position="rope", conv_width=4
+    )
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for block in model.h:
+            block.conv.weight.normal_(0, 0.5)  # trained-looking weights: the zero start is the identity
+    ids = torch.randint(0, VOCAB, (2, 15))
+    full, _ = model(ids)
+    changed = ids.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % VOCAB
+    after, _ = model(changed)
+    assert torch.allclose(after[:, :9], full[:, :9], atol=1e-6) and not torch.allclose(after[:, 9:], full[:, 9:])
+    cache = KVCache(config, 2, 15)
+    pieces = [model(ids[:, a:b], cache=cache)[0] for a, b in ((0, 6), (6, 7), (7, 8), (8, 15))]
+    assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-5)
+    assert torch.equal(
+        generate(model, ids[:, :5], 10, temperature=0), generate(model, ids[:, :5], 10, use_cache=False, temperature=0)
+    )
+    with pytest.raises(ValueError, match="conv_width"):
+        GPTConfig(conv_width=1)
 
 
 def test_a_faded_part_of_the_mixture_disappears_and_resumes_exactly():
@@ -129,6 +154,22 @@ def test_mixture_documents_are_deterministic_and_keep_held_out_people_out():
     assert len({p.name for p in fresh}) == 50 and not names & {p.name for p in fresh}
     docs = world.reading_documents(30, seed=0, exclude=names)
     assert docs == world.reading_documents(30, seed=0, exclude=names) and all(docs)
+    lookups = 0
+    for doc in docs:  # every bare answer (dates aside, written differently) can be read off what came before
+        head, _, tail = doc.partition("\nQ: ")
+        answers = [line[3:] for line in tail.split("\n") if line.startswith("A: ") and not line.endswith(".")]
+        assert all(a in head for a in answers if not a[-4:].isdigit()), doc
+        listed = max(head.count(t.split("}")[1].split("{")[0]) for t in world.ANSWER_TEMPLATES.values())
+        lookups += listed >= 3 and len(answers) >= 2  # several people with one fact each, several asked
+    assert lookups >= 3
+    dense = world.lookup_documents(30, seed=0, exclude=names)
+    assert dense == world.lookup_documents(30, seed=0, exclude=names) and not any(n in d for d in dense for n in names)
+    for doc in dense:  # every question is about someone stated above, and at least half of them are asked
+        facts, *qa = doc.split("\n")
+        asked = [line for line in qa if line.startswith("Q: ")]
+        answers = [line[3:].rstrip(".") for line in qa if line.startswith("A: ")]
+        assert len(asked) == len(answers) >= max(1, facts.count(". ") // 2)
+        assert all(a.split(" ")[-1] in facts for a in answers)
     lists = world.fact_lists(w, "sft", 40)
     heldout = {p.name for p in w.split("heldout")}
     assert not any(name in doc for doc in lists for name in heldout)
@@ -158,6 +199,23 @@ def test_few_shot_prompts_and_their_bad_input():
     with pytest.raises(ValueError, match="no room"):
         icl.complete(model, tok, [" ".join(p.name for p in w.people[:20])])
     assert icl.exact_match(["Brask, in Arvenia", "Selvin"], [{"answer": "Brask"}, {"answer": "Brask"}]) == 0.5
+
+
+def test_in_context_facts_ask_about_someone_in_the_prompt_and_take_a_sentence_answer():
+    bare, started = (icl.in_context_facts(20, seed=4, start_answer=s) for s in (False, True))
+    for b, s in zip(bare, started, strict=True):
+        stated = f"{b['name']} was born in {b['answer']}."
+        assert stated in b["prompt"] and b["prompt"].endswith("\nA:") and b["answer"] == s["answer"]
+        assert s["prompt"] == b["prompt"] + f" {b['name']} was born in" and "lead" not in s
+    item = bare[0]
+    replies = [
+        f"{item['name']} was born in {item['answer']}.",  # the whole sentence
+        item["answer"],
+        f"{item['name']} was born in Nowhere.",
+        f"Someone Else was born in {item['answer']}.",  # the right city, said of another person
+        f"I think {item['answer']}",
+    ]
+    assert [icl.exact_match([r], [item]) for r in replies] == [1.0, 1.0, 0.0, 0.0, 0.0]
 
 
 def _keep_articles(text):
@@ -204,3 +262,38 @@ def test_lab07_checks_pass_the_reference(exercise, fn):
     from course_utils.checks import PASSED, evaluate
 
     assert evaluate(exercise, fn).status == PASSED
+
+
+def test_lookup_rows_ask_every_stated_key_for_its_value():
+    ids, targets = icl.lookup_rows(5, pairs=4, key_length=3, gap=2, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == targets.shape == (5, 2 * 4 * 6 + 1)
+    for row, target in zip(ids.tolist(), targets.tolist(), strict=True):
+        stated = {tuple(row[k : k + 3]): row[k + 5] for k in range(0, 24, 6)}
+        blocks = [*range(0, 24, 6), *range(25, 49, 6)]  # four stated, the separator at 24, four asked
+        assert row[24] == 1 and all(row[k + 3 : k + 5] == [200, 201] for k in blocks)
+        asked = [(k, t) for k, t in enumerate(target) if t >= 0]
+        assert len(asked) == 4 and {t for _, t in asked} == set(stated.values())
+        for at, value in asked:  # the position before the value, after the key and the gap
+            assert row[at + 1] == value and stated[tuple(row[at - 4 : at - 1])] == value
+
+    class Oracle(torch.nn.Module):  # predicts every next token perfectly
+        def forward(self, x):
+            logits = torch.full((*x.shape, 512), -1.0)
+            logits[:, :-1].scatter_(2, x[:, 1:, None], 1.0)
+            return logits, None
+
+    assert icl.lookup_accuracy(Oracle(), ids, targets) == 1.0
+    assert (
+        icl.lookup_accuracy(
+            GPT(GPTConfig(vocab_size=512, context_length=64, n_layer=1, n_head=1, n_embd=8)), ids, targets
+        )
+        < 0.2
+    )
+
+
+def test_a_lookup_run_reports_its_accuracy_curve(capsys):
+    config = GPTConfig(vocab_size=512, context_length=25, n_layer=1, n_head=2, n_embd=16, conv_width=4)
+    curve = icl.train_lookup(config, 3, batch_size=4, every=2, pairs=2, key_length=3, gap=2)
+    assert [s for s, _ in curve] == [2, 3] and all(0 <= a <= 1 for _, a in curve)
+    assert icl.main(["--steps", "1", "--key-length", "2", "--gap", "1", "--widths", "0"]) == 0
+    assert "seed 0, conv_width 0: accuracy" in capsys.readouterr().out

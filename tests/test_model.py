@@ -148,6 +148,39 @@ def test_kv_cache_memory_formula_and_size():
         gpt.KVCache(small(), 1, 64)
 
 
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+def test_grouped_query_attention_shares_keys_and_shrinks_the_cache(n_kv_head):
+    torch.manual_seed(3)
+    config = small(n_kv_head=n_kv_head, position="rope", smear_keys=True)
+    model = gpt.GPT(config).eval()
+    head_dim = config.n_embd // config.n_head
+    cache = gpt.KVCache(config, batch_size=3, max_len=20)
+    assert cache.nbytes() == 3 * 20 * gpt.kv_cache_bytes_per_token(2, n_kv_head, head_dim, bytes_per_value=4)
+    mha = gpt.GPT(small(position="rope", smear_keys=True)).num_parameters()
+    # per layer and head dropped: the k and v weights and biases, and the head's smearing weight
+    assert mha - model.num_parameters() == 2 * (4 - n_kv_head) * (2 * head_dim * (32 + 1) + 1)
+    prompt = torch.randint(0, 61, (3, 6))
+    assert torch.equal(
+        gpt.generate(model, prompt, 12, temperature=0), gpt.generate(model, prompt, 12, temperature=0, use_cache=False)
+    )
+    ids = torch.randint(0, 61, (2, 9))
+    naive = gpt.GPT(small(n_kv_head=n_kv_head, attention="naive")).eval()
+    fused = gpt.GPT(small(n_kv_head=n_kv_head)).eval()
+    fused.load_state_dict(naive.state_dict())
+    assert torch.allclose(naive(ids)[0], fused(ids)[0], atol=1e-5)
+    assert model.attention_maps(ids).shape == (2, 2, 4, 9, 9)
+
+
+def test_a_query_head_reads_the_keys_of_its_group():
+    config = small(n_kv_head=2)
+    attention = gpt.GPT(config).h[0].attn
+    k = torch.arange(2.0).view(1, 2, 1, 1).expand(1, 2, 3, 8)  # shared head j holds the value j
+    assert attention.share(k)[0, :, 0, 0].tolist() == [0.0, 0.0, 1.0, 1.0]  # query heads 0, 1 -> 0; 2, 3 -> 1
+    for bad in (3, 0, 8):
+        with pytest.raises(ValueError, match="n_kv_head"):
+            small(n_kv_head=bad)
+
+
 @pytest.mark.skipif(measure._rss_bytes() is None, reason="resident memory is read from /proc on Linux")
 def test_peak_memory_sees_a_large_temporary():
     size = 64 * 2**20

@@ -255,7 +255,8 @@ def test_a_checkpoint_from_before_a_config_field_existed_still_resumes(tmp_path)
     Trainer(tiny(tmp_path, checkpoint_every=1), TOKENS, TOKENS).fit(until=1, progress=False)
     path = tmp_path / "checkpoint.pt"
     state = load_checkpoint(path, CHECKPOINT_FORMAT)
-    for newer in ("position", "rope_base", "smear_keys"):  # fields added later, with defaults
+    # fields added later, with defaults
+    for newer in ("position", "rope_base", "smear_keys", "conv_width", "n_kv_head"):
         del state["model_config"][newer]
     save_checkpoint(path, state)
     trainer = Trainer(tiny(tmp_path), TOKENS, TOKENS)

@@ -4,10 +4,15 @@ its card::
 
     python -m course_utils.recipes.base_model            # runs/base, then data/artefacts/base_model.pt
 
-Each part of the mixture is a switch with its share (``--biographies``, ``--reading``, ``--lists``,
-``--copy``); the stories take the rest. The run resumes from ``OUT_DIR/checkpoint.pt`` when it was cut
+The model has rotary positions, smeared keys and a short convolution over the last eight positions in
+front of each attention layer (``--conv-width``), so that a key can stand for a few tokens, a name and
+the words after it, rather than one: a lookup in the prompt is then a single match.
+
+Each part of the mixture is a switch with its share (``--biographies``, ``--reading``, ``--lookups``,
+``--lists``, ``--copy``); the stories take the rest. The run resumes from ``OUT_DIR/checkpoint.pt`` when it was cut
 off. The copy score (loss on the second copy of a repeated span of ordinary tokens over the first) is
-measured at every evaluation, so the card keeps its curve: the induction bump. The card also records
+measured at every evaluation, so the card keeps its curve: the induction bump; so are lookups of facts
+stated only in the prompt and the recall of held-out people's home towns. The card also records
 the validation loss, fact recall for each split of the world against always guessing the commonest
 value, few-shot and in-context accuracy, samples, the file's size and hash, and its load time.
 """
@@ -56,7 +61,16 @@ from ..train import (
     config_from_arguments,
     evaluate_loss,
 )
-from ..world import BASE_MODEL, BASE_TOKENIZER, PROBED, fact_lists, fact_recall, make_world, reading_documents
+from ..world import (
+    BASE_MODEL,
+    BASE_TOKENIZER,
+    PROBED,
+    fact_lists,
+    fact_recall,
+    lookup_documents,
+    make_world,
+    reading_documents,
+)
 from . import finish
 
 SAMPLE_PROMPTS = ("", "Once upon a time, there was a little", "Tom and Lily went to the park.")
@@ -77,6 +91,11 @@ def mixture(args, tokenizer, world) -> tuple[list, list[float], dict[int, int], 
         taken = {p.name for p in world.people} | {p.name for p in practice_world(world).people}
         docs = reading_documents(args.reading_documents, seed=0, exclude=taken)
         parts["reading"] = documents_token_cache(tokenizer, "reading", docs)
+    if args.lookups:
+        taken = {p.name for p in world.people} | {p.name for p in practice_world(world).people}
+        parts["lookups"] = documents_token_cache(
+            tokenizer, "lookups", lookup_documents(args.lookup_documents, seed=0, exclude=taken)
+        )
     if args.lists:
         parts["lists"] = documents_token_cache(
             tokenizer, f"lists-{world.seed}", fact_lists(world, "sft", args.list_documents)
@@ -84,7 +103,13 @@ def mixture(args, tokenizer, world) -> tuple[list, list[float], dict[int, int], 
     if args.copy:
         vocabulary = common_tokens(stories, 1000, exclude=[eot])
         parts["copy"] = copy_sequences(vocabulary, 4_000_000, eot, span=(10, 60), seed=0)
-    shares = {"biographies": args.biographies, "reading": args.reading, "lists": args.lists, "copy": args.copy}
+    shares = {
+        "biographies": args.biographies,
+        "reading": args.reading,
+        "lookups": args.lookups,
+        "lists": args.lists,
+        "copy": args.copy,
+    }
     shares = {k: v for k, v in shares.items() if k in parts}
     shares["stories"] = 1.0 - sum(shares.values())
     names = list(parts)
@@ -96,6 +121,24 @@ def mixture(args, tokenizer, world) -> tuple[list, list[float], dict[int, int], 
     return [parts[n] for n in names], [shares[n] for n in names], fade, shares, hashes
 
 
+def training_probes(tokenizer, world, copy_rows, n: int = 50) -> dict:
+    """What the run logs at every evaluation: the copy score, in-context lookups (bare and with the
+    answer begun) and the recall of held-out people's home towns (knowledge the reading must not cost)."""
+    exclude = {p.name for p in world.people}
+    bare, started = (in_context_facts(n, seed=11, exclude=exclude, start_answer=s) for s in (False, True))
+    heldout = world.split("heldout")[:n]
+
+    def lookups(model, items):
+        return exact_match(complete(model, tokenizer, [f["prompt"] for f in items]), items)
+
+    return {
+        "copy_score": lambda m: copy_score(m, copy_rows),
+        "in_context": lambda m: lookups(m, bare),
+        "in_context_started": lambda m: lookups(m, started),
+        "heldout_city": lambda m: fact_recall(m, tokenizer, heldout, ("birth_city",))["accuracy"]["birth_city"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Pretrain the reference base model on its mixture; write the fp16 artefact and its card. "
@@ -104,11 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser)
     parser.add_argument("--tokenizer", type=Path, default=None, help=f"default: data/artefacts/{BASE_TOKENIZER}")
     parser.add_argument("--world-seed", type=int, default=0)
-    parser.add_argument("--biographies", type=float, default=0.2, help="share of windows from the world's biographies")
-    parser.add_argument("--reading", type=float, default=0.2, help="share from documents about invented people")
+    parser.add_argument("--biographies", type=float, default=0.3, help="share of windows from the world's biographies")
+    parser.add_argument("--reading", type=float, default=0.1, help="share from documents about invented people")
     parser.add_argument("--reading-documents", type=int, default=60_000)
     parser.add_argument(
-        "--lists", type=float, default=0.08, help="share from lists of facts about the fine-tuning people"
+        "--lookups", type=float, default=0.15, help="share from dense lookups: several invented people, then questions"
+    )
+    parser.add_argument("--lookup-documents", type=int, default=40_000)
+    parser.add_argument(
+        "--lists", type=float, default=0.05, help="share from lists of facts about the fine-tuning people"
     )
     parser.add_argument("--list-documents", type=int, default=20_000)
     parser.add_argument("--copy", type=float, default=0.15, help="share from copy sequences of random ordinary tokens")
@@ -116,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "--copy-fade", type=int, default=1500, help="steps over which the copy share falls to its floor (0: never)"
     )
     parser.add_argument(
-        "--copy-floor", type=float, default=0.0, help="the fraction of the copy share kept after it has faded"
+        "--copy-floor", type=float, default=0.33, help="the fraction of the copy share kept after it has faded"
     )
     parser.add_argument("--probe-people", type=int, default=None, help="people per split whose facts the card measures")
     parser.add_argument("--n-eval", type=int, default=300, help="questions per few-shot and in-context measure")
@@ -125,11 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         out_dir="runs/base",
         position="rope",
         smear_keys=True,
+        conv_width=8,
         context_length=512,
         batch_size=16,
         lr=2e-3,
         warmup_steps=100,
-        max_steps=3500,
+        max_steps=3200,
         eval_every=250,
         eval_batches=10,
         checkpoint_every=100,
@@ -138,11 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     if (
-        min(args.biographies, args.reading, args.lists, args.copy) < 0
-        or args.biographies + args.reading + args.lists + args.copy >= 1
+        min(args.biographies, args.reading, args.lookups, args.lists, args.copy) < 0
+        or args.biographies + args.reading + args.lookups + args.lists + args.copy >= 1
     ):
         print(
-            "error: the shares of --biographies, --reading, --lists and --copy must be >= 0 "
+            "error: the shares of --biographies, --reading, --lookups, --lists and --copy must be >= 0 "
             "and leave room for the stories",
             file=sys.stderr,
         )
@@ -161,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer_id=tokenizer_fingerprint(tokenizer),
             train_weights=weights if len(sources) > 1 else None,
             fade=fade,
-            probes={"copy_score": lambda m: copy_score(m, probe_rows)},
+            probes=training_probes(tokenizer, world, probe_rows),
         )
         resumed_at = trainer.step if trainer.resume() else None
         if resumed_at is not None:
@@ -211,11 +259,16 @@ def main(argv: list[str] | None = None) -> int:
             for s in (0, 1)
         ]
         metrics["few_shot_heldout"][str(shots)] = round(float(np.mean(scores)), 4)
-    facts = in_context_facts(args.n_eval, exclude={p.name for p in world.people})
-    metrics["in_context_facts"] = round(exact_match(complete(model, tokenizer, [f["prompt"] for f in facts]), facts), 4)
+    for key, started in (("in_context_facts", False), ("in_context_facts_started", True)):
+        facts = in_context_facts(args.n_eval, exclude={p.name for p in world.people}, start_answer=started)
+        metrics[key] = round(exact_match(complete(model, tokenizer, [f["prompt"] for f in facts]), facts), 4)
     log = trainer.out / METRICS
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     metrics["copy_score_curve"] = [[r["step"], round(r["copy_score"], 4)] for r in rows if "copy_score" in r]
+    metrics["probe_curves"] = {
+        name: [[r["step"], round(r[name], 4)] for r in rows if name in r]
+        for name in ("in_context", "in_context_started", "heldout_city")
+    }
     # the time spent training, over every session that contributed to the run (each step is logged once); a step
     # slower than ten times the median was a pause (a stopped or starved process) and counts as a median step
     seconds = [trainer.tokens_per_step / r["tokens_per_second"] for r in rows]
