@@ -46,6 +46,8 @@ TINY = [
     "300",
     "--list-documents",
     "100",
+    "--lookup-documents",
+    "100",
 ]
 
 
@@ -69,7 +71,9 @@ def test_base_model_recipe_trains_on_the_mixture_resumes_and_writes_its_card(tmp
         "4",
         "8",
     }
-    assert 0 <= metrics["in_context_facts"] <= 1 and metrics["copy_loss_first"] > 0
+    assert 0 <= metrics["in_context_facts"] <= 1 and 0 <= metrics["in_context_facts_started"] <= 1
+    assert metrics["copy_loss_first"] > 0 and metrics["mixture"]["lookups"] == 0.15
+    assert all([s for s, _ in curve] == [2, 4] for curve in metrics["probe_curves"].values())
     assert card["data_sha256"]["world_pretraining"] == make_world(0).pretraining_sha256()
     assert (
         card["command"].startswith("python -m course_utils.recipes.base_model --n-layer 1") and card["wall_seconds"] > 0
