@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import argparse
 import random
 from collections.abc import Sequence
 
@@ -293,8 +294,6 @@ def train_lookup(
 def main(argv: list[str] | None = None) -> int:
     """``python -m course_utils.icl``: the synthetic lookup, learned with and without the short
     convolution, same model and budget otherwise."""
-    import argparse
-
     parser = argparse.ArgumentParser(description="Synthetic lookups with and without the short convolution")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--key-length", type=int, default=6)
