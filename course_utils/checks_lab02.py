@@ -1,13 +1,14 @@
 """Checks for Lab 02 (attention). Reference answers come from :mod:`course_utils.model`: ``attention`` is
 its ``naive_attention`` (named so there to set it apart from PyTorch's fused kernels) and
-``multi_head_attention`` what its ``CausalSelfAttention`` module does with explicit weight matrices."""
+``multi_head_attention`` and ``grouped_query_attention`` what its ``CausalSelfAttention`` module does with
+explicit weight matrices."""
 
 from __future__ import annotations
 
 import torch
 
-from .checks import call, exercise, expect, expect_close, expect_equal
-from .model import causal_mask, naive_attention
+from .checks import CheckFailed, call, exercise, expect, expect_close, expect_equal
+from .model import CausalSelfAttention, GPTConfig, causal_mask, naive_attention
 
 LAB = "02"
 
@@ -77,4 +78,59 @@ def _check_multi_head_attention(fn) -> None:
             case,
             "Split q, k, v as [q | k | v] columns, each head takes C // n_head consecutive columns, attention is "
             "causal",
+        )
+
+
+def reference_grouped_query(x, w_qkv, w_out, n_head: int, n_kv_head: int) -> torch.Tensor:
+    """The package's attention layer with these weights and zero biases."""
+    layer = CausalSelfAttention(GPTConfig(n_embd=x.size(-1), n_head=n_head, n_kv_head=n_kv_head)).eval()
+    with torch.no_grad():
+        layer.c_attn.weight.copy_(w_qkv.T)
+        layer.c_proj.weight.copy_(w_out.T)
+        layer.c_attn.bias.zero_()
+        layer.c_proj.bias.zero_()
+        return layer(x)
+
+
+def _tiled_groups(x, w_qkv, w_out, n_head: int, n_kv_head: int) -> torch.Tensor:
+    """The likeliest mistake: query head i reads key-value head i % n_kv_head."""
+    B, T, C = x.shape
+    hs = C // n_head
+    q, k, v = (x @ w_qkv).split([C, n_kv_head * hs, n_kv_head * hs], dim=-1)
+    q = q.view(B, T, n_head, hs).transpose(1, 2)
+    k, v = (t.view(B, T, n_kv_head, hs).transpose(1, 2).repeat(1, n_head // n_kv_head, 1, 1) for t in (k, v))
+    return (naive_attention(q, k, v, causal_mask(T)).transpose(1, 2).reshape(B, T, C)) @ w_out
+
+
+@exercise(LAB, "grouped_query_attention", "grouped-query attention")
+def _check_grouped_query_attention(fn) -> None:
+    g = torch.Generator().manual_seed(2)
+    cases = [(2, 5, 8, 2, 2), (1, 6, 16, 4, 2), (2, 7, 24, 6, 3), (1, 4, 16, 4, 1)]
+    for B, T, C, n_head, n_kv_head in cases:
+        hs = C // n_head
+        x = torch.randn(B, T, C, generator=g)
+        w_qkv = torch.randn(C, C + 2 * n_kv_head * hs, generator=g) / C**0.5
+        w_out = torch.randn(C, C, generator=g) / C**0.5
+        case = f"x of shape ({B}, {T}, {C}) with n_head={n_head}, n_kv_head={n_kv_head}"
+        try:
+            got = call(fn, x, w_qkv, w_out, n_head, n_kv_head, case=case)
+        except CheckFailed as e:
+            if n_kv_head == n_head:
+                raise
+            raise CheckFailed(
+                f"{e}. w_qkv has C + 2 * n_kv_head * hs columns: split them into C for the queries and "
+                "n_kv_head * hs each for the keys and the values"
+            ) from None
+        if 1 < n_kv_head < n_head and isinstance(got, torch.Tensor) and got.shape == x.shape:
+            expect(
+                not torch.allclose(got, _tiled_groups(x, w_qkv, w_out, n_head, n_kv_head), atol=1e-5),
+                f"on {case}: query head i read key-value head i % n_kv_head. The query heads of a group are "
+                "neighbours: heads 0 .. g-1 share key-value head 0, the next g head 1 (repeat_interleave, not repeat)",
+            )
+        expect_close(
+            got,
+            reference_grouped_query(x, w_qkv, w_out, n_head, n_kv_head),
+            case,
+            "Queries as in multi-head attention; keys and values with n_kv_head heads, each repeated for the "
+            "n_head // n_kv_head query heads of its group; attention is causal",
         )

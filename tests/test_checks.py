@@ -162,6 +162,17 @@ def _interleaved_heads(x, w_qkv, w_out, n_head):
     return y.permute(0, 2, 3, 1).reshape(B, T, C) @ w_out
 
 
+def _grouped(x, w_qkv, w_out, n_head, n_kv_head, tile=False, equal_split=False):
+    B, T, C = x.shape
+    hs = C // n_head
+    q, k, v = (x @ w_qkv).split(C if equal_split else [C, n_kv_head * hs, n_kv_head * hs], -1)
+    q = q.view(B, T, n_head, hs).transpose(1, 2)
+    k, v = (t.view(B, T, n_kv_head, hs).transpose(1, 2) for t in (k, v))
+    g = n_head // n_kv_head
+    k, v = (t.repeat(1, g, 1, 1) if tile else t.repeat_interleave(g, 1) for t in (k, v))
+    return gpt.naive_attention(q, k, v, gpt.causal_mask(T)).transpose(1, 2).reshape(B, T, C) @ w_out
+
+
 def _unbiased_layer_norm(x, w, b, eps=1e-5):
     return w * (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True) + eps) + b
 
@@ -189,6 +200,8 @@ def _top_p_one_short(logits, p):
         ("causal_mask", lambda t: torch.ones(t, t).tril(), "torch.bool"),
         ("causal_mask", lambda t: torch.ones(t, t, dtype=torch.bool).triu(), "below the diagonal"),
         ("multi_head_attention", _interleaved_heads, "consecutive columns"),
+        ("grouped_query_attention", lambda *a: _grouped(*a, tile=True), "repeat_interleave, not repeat"),
+        ("grouped_query_attention", lambda *a: _grouped(*a, equal_split=True), "n_kv_head * hs each"),
         ("layer_norm", _unbiased_layer_norm, "biased variance"),
         ("gelu_tanh", lambda x: x * 0.5 * (1 + torch.erf(x / math.sqrt(2))), "tanh"),
         ("greedy_next", lambda logits: logits.max(-1).values, "position of the largest"),
