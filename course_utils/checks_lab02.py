@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .checks import CheckFailed, call, exercise, expect, expect_close, expect_equal
-from .model import CausalSelfAttention, GPTConfig, causal_mask, naive_attention
+from .model import CausalSelfAttention, GPTConfig, apply_rope, causal_mask, naive_attention, rope_angles
 
 LAB = "02"
 
@@ -134,3 +134,46 @@ def _check_grouped_query_attention(fn) -> None:
             "Queries as in multi-head attention; keys and values with n_kv_head heads, each repeated for the "
             "n_head // n_kv_head query heads of its group; attention is causal",
         )
+
+
+def reference_rotate(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """The package's rotation: its angles for positions 0 .. max, taken at ``positions``."""
+    cos, sin = rope_angles(x.size(-1), int(positions.max()) + 1, base)
+    return apply_rope(x, cos[positions], sin[positions])
+
+
+@exercise(LAB, "rotate", "rotary position embeddings")
+def _check_rotate(fn) -> None:
+    g = torch.Generator().manual_seed(3)
+    cases = [
+        ("one vector of size 4 at position 1", (1, 4), [1], 10000.0),
+        ("3 positions of size 8, base 100", (3, 8), [0, 5, 2], 100.0),
+        ("(2 batches, 3 heads, 5 positions, 16)", (2, 3, 5, 16), [0, 1, 2, 3, 4], 10000.0),
+        ("positions far apart", (4, 32), [7, 300, 1000, 4095], 10000.0),
+    ]
+    for case, shape, positions, base in cases:
+        x = torch.randn(*shape, generator=g)
+        positions = torch.tensor(positions)
+        got = call(fn, x.clone(), positions.clone(), base, case=case)
+        expected = reference_rotate(x, positions, base)
+        if isinstance(got, torch.Tensor) and got.shape == x.shape:
+            hs = x.size(-1)
+            adjacent = reference_rotate(x[..., _halves_order(hs)], positions, base)[..., _halves_order(hs).argsort()]
+            expect(
+                not torch.allclose(got, adjacent, atol=1e-4) or torch.allclose(got, expected, atol=1e-4),
+                f"on {case}: you paired neighbouring dimensions (x[2i], x[2i+1]). Pair dimension i with i + hs/2, "
+                "the two halves of the head",
+            )
+        expect_close(
+            got,
+            expected,
+            case,
+            "Pair i is (x[i], x[i + hs/2]), turned by the angle position * base^(-2i/hs): x_i cos - x_(i+hs/2) sin, "
+            "x_i sin + x_(i+hs/2) cos",
+            atol=1e-4,
+        )
+
+
+def _halves_order(hs: int) -> torch.Tensor:
+    """Dimensions reordered so that neighbouring pairs (2i, 2i+1) become halves (i, i + hs/2)."""
+    return torch.cat([torch.arange(0, hs, 2), torch.arange(1, hs, 2)])

@@ -173,6 +173,19 @@ def _grouped(x, w_qkv, w_out, n_head, n_kv_head, tile=False, equal_split=False):
     return gpt.naive_attention(q, k, v, gpt.causal_mask(T)).transpose(1, 2).reshape(B, T, C) @ w_out
 
 
+def _rotate(x, positions, base, adjacent=False, exponent=2, sign=1):
+    hs = x.size(-1)
+    theta = base ** (-torch.arange(hs // 2).float() * exponent / hs)
+    angle = positions.float()[:, None] * theta
+    if adjacent:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x[..., : hs // 2], x[..., hs // 2 :]
+    c, s = angle.cos(), sign * angle.sin()
+    y1, y2 = x1 * c - x2 * s, x1 * s + x2 * c
+    return torch.stack([y1, y2], -1).flatten(-2) if adjacent else torch.cat([y1, y2], -1)
+
+
 def _unbiased_layer_norm(x, w, b, eps=1e-5):
     return w * (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True) + eps) + b
 
@@ -201,6 +214,9 @@ def _top_p_one_short(logits, p):
         ("causal_mask", lambda t: torch.ones(t, t, dtype=torch.bool).triu(), "below the diagonal"),
         ("multi_head_attention", _interleaved_heads, "consecutive columns"),
         ("grouped_query_attention", lambda *a: _grouped(*a, tile=True), "repeat_interleave, not repeat"),
+        ("rotate", lambda *a: _rotate(*a, adjacent=True), "Pair dimension i with i + hs/2"),
+        ("rotate", lambda *a: _rotate(*a, exponent=1), "base^(-2i/hs)"),
+        ("rotate", lambda *a: _rotate(*a, sign=-1), "x_i sin + x_(i+hs/2) cos"),
         ("grouped_query_attention", lambda *a: _grouped(*a, equal_split=True), "n_kv_head * hs each"),
         ("layer_norm", _unbiased_layer_norm, "biased variance"),
         ("gelu_tanh", lambda x: x * 0.5 * (1 + torch.erf(x / math.sqrt(2))), "tanh"),
