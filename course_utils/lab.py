@@ -162,12 +162,14 @@ def seed_everything(seed: int) -> None:
 
 def find_root(start: Path | None = None) -> Path | None:
     """The course folder: the first of the working directory and its parents, the package's
-    parents and the Colab clone that holds ``data/tinystories``. ``COURSE_DATA_DIR`` wins."""
+    parents, a clone inside the working directory (where the Colab set-up cell puts it) and the
+    Colab clone that holds ``data/tinystories``. ``COURSE_DATA_DIR`` wins."""
     env_dir = os.environ.get("COURSE_DATA_DIR")
     if env_dir:
         return Path(env_dir).expanduser().resolve().parent
     start = (start or Path.cwd()).resolve()
-    candidates = [start, *start.parents, *Path(__file__).resolve().parents, Path(colab_clone_dir())]
+    clone = Path(colab_clone_dir())
+    candidates = [start, *start.parents, *Path(__file__).resolve().parents, start / clone.name, clone]
     for candidate in candidates:
         if (candidate / "data" / "tinystories").is_dir():
             return candidate
