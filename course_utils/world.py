@@ -637,13 +637,20 @@ def reading_documents(n_documents: int, seed: int = 0, exclude: set[str] = froze
         else:
             group = [p] + rng.sample(people[2 * k + 1 : 2 * k + 2] + rng.sample(people, 6), rng.randint(2, 5))
             group = list({q.name: q for q in group}.values())
-            attribute = rng.choice(("birth_city", "employer", "university", "field"))
-            rng.shuffle(group)
-            facts = " ".join(ANSWER_TEMPLATES[attribute].format(name=q.name, value=q.fact(attribute)) for q in group)
-            asked = rng.sample(group, rng.randint(1, min(3, len(group))))
-            fmt = rng.choice(("qa_short", "qa_sentence"))
-            documents.append(facts + "\n" + "\n".join(_fact_line(fmt, q, attribute, rng) for q in asked))
+            documents.append(_lookup(group, (1, min(3, len(group))), rng, shuffle=True))
     return documents
+
+
+def _lookup(group: list[Person], asked: tuple[int, int], rng: random.Random, shuffle: bool = False) -> str:
+    """One fact about each person of ``group`` in a sentence, then questions about ``asked`` (least,
+    most) of them in a new order, all answered with the bare value or all with the whole sentence."""
+    attribute = rng.choice(("birth_city", "employer", "university", "field"))
+    if shuffle:
+        rng.shuffle(group)
+    facts = " ".join(ANSWER_TEMPLATES[attribute].format(name=p.name, value=p.fact(attribute)) for p in group)
+    questions = rng.sample(group, rng.randint(*asked))
+    fmt = rng.choice(("qa_short", "qa_sentence"))
+    return facts + "\n" + "\n".join(_fact_line(fmt, p, attribute, rng) for p in questions)
 
 
 def lookup_documents(
@@ -658,11 +665,7 @@ def lookup_documents(
     documents = []
     for _ in range(n_documents):
         group = rng.sample(people, rng.randint(*sizes))
-        attribute = rng.choice(("birth_city", "employer", "university", "field"))
-        facts = " ".join(ANSWER_TEMPLATES[attribute].format(name=p.name, value=p.fact(attribute)) for p in group)
-        asked = rng.sample(group, rng.randint(max(1, len(group) // 2), len(group)))
-        fmt = rng.choice(("qa_short", "qa_sentence"))
-        documents.append(facts + "\n" + "\n".join(_fact_line(fmt, q, attribute, rng) for q in asked))
+        documents.append(_lookup(group, (max(1, len(group) // 2), len(group)), rng))
     return documents
 
 
