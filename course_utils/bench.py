@@ -2,6 +2,7 @@
 
     python -m course_utils.bench train                    # every size that suits the device
     python -m course_utils.bench train --sizes lab --steps 20
+    python -m course_utils.bench plan                     # each lab's gpu profile: FLOPs, memory, T4 minutes
 
 Every figure is printed as a ratio against a baseline measured in the same run, on the same machine:
 the same model in fp32 with the written-out (naive) attention, no compilation and plain AdamW. Timings
@@ -21,6 +22,7 @@ import torch
 from .data import BatchSampler
 from .lab import precision_for
 from .model import GPT, GPTConfig
+from .plan import format_plan, plan_rows, write_titles
 from .train import mixed_precision, peak_flops
 
 #: name -> (model settings, batch size, vocabulary)
@@ -108,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Training throughput against an fp32, naive-attention baseline measured in the same run."
     )
-    parser.add_argument("what", choices=["train"])
+    parser.add_argument("what", choices=["train", "plan"])
+    parser.add_argument("--detail", action="store_true", help="plan: one line per phase of each lab")
+    parser.add_argument("--write-titles", action="store_true", help="plan: refresh the plan line in every title cell")
     parser.add_argument(
         "--sizes",
         nargs="*",
@@ -120,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.what == "plan":
+        print("Compute of each lab's gpu profile, counted from its parameters cell\n")
+        rows = plan_rows()
+        print(format_plan(rows, detail=args.detail))
+        if args.write_titles:
+            print("\ntitle cells updated:", ", ".join(write_titles(rows)) or "none")
+        return 0
     device = torch.device(args.device)
     sizes = args.sizes or (list(SIZES) if device.type == "cuda" else ["tiny", "lab"])
     steps = args.steps or (20 if device.type == "cuda" else 3)

@@ -25,6 +25,7 @@ LEVELS = {
     "artefacts": 4,
     "train": 4,
     "bench": 4,
+    "plan": 4,
     "scaling": 5,
     "world": 6,
     "sft": 6,

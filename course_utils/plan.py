@@ -1,0 +1,336 @@
+"""The compute plan: what each lab's ``gpu`` profile asks of a GPU, counted rather than guessed.
+
+    python -m course_utils.bench plan
+
+For every notebook the parameters cell is run with the ``gpu`` profile's values, and the lab's
+workload (below) turns them into phases: training, forward passes, generation, bare attention. Each
+phase's FLOPs come from the package's own counter (:meth:`GPT.flops_per_token`, the figure the
+training engine logs), its memory from the model's shape, and its time on a T4 from the assumptions
+in :data:`T4`, printed beside the table. A lab whose time does not fit :data:`T4_BUDGET_MINUTES` with
+room to spare must be trimmed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .lab import data_dir, find_root
+from .model import GPT, GPTConfig
+
+#: Assumptions behind every time in the plan (Colab's free T4).
+T4 = dict(
+    fp16_peak=65e12,  # tensor cores, fp16 (the T4 has no bf16)
+    fp32_peak=8.1e12,  # no TF32 on a T4
+    mfu=0.30,  # share of the peak reached by training and batched forward passes
+    kernel_seconds=15e-6,  # cost of one eager PyTorch operation when a step is too small to hide it
+    ops_per_layer=25,  # operations a layer in one decoding step (norms, projections, cache, attention, MLP)
+    memory_gib=15.0,  # usable of the card's 16 GB
+)
+#: A notebook's gpu profile must fit this many minutes of compute on a T4 (DESIGN section 4).
+T4_BUDGET_MINUTES = 25.0
+
+
+@dataclass
+class Phase:
+    """One piece of a lab's GPU work."""
+
+    name: str
+    flops: float
+    memory_bytes: float
+    kind: str = "train"  # train, forward (evaluation, embedding), generate, attention
+    precision: str = "fp16"  # fp16 (autocast on a T4) or fp32
+    sequential_steps: int = 0  # forward calls that cannot be batched (decoding steps), each paying kernel launches
+    n_layer: int = 0
+    overhead_seconds: float = 0.0  # compilation and the like: not FLOPs
+
+    def t4_seconds(self) -> float:
+        peak = T4["fp16_peak"] if self.precision == "fp16" else T4["fp32_peak"]
+        compute = self.flops / (peak * T4["mfu"])
+        launches = self.sequential_steps * (self.n_layer * T4["ops_per_layer"] + 10) * T4["kernel_seconds"]
+        return max(compute, launches) + self.overhead_seconds
+
+
+def _cfg(model_settings: dict, vocab_size: int) -> GPTConfig:
+    return GPTConfig(vocab_size=vocab_size, **model_settings)
+
+
+def _counts(config: GPTConfig) -> tuple[int, int]:
+    """(all parameters, parameters a token passes through) without allocating the model."""
+    with torch.device("meta"):
+        model = GPT(config)
+    return model.num_parameters(), model.num_parameters() - model.position_parameters()
+
+
+def training_flops(config: GPTConfig, rows: int, length: int | None = None) -> float:
+    """FLOPs of training on ``rows`` sequences of ``length`` tokens, as the engine counts them:
+    :meth:`GPT.flops_per_token` (6 per parameter plus attention) times the tokens."""
+    length = length or config.context_length
+    with torch.device("meta"):
+        model = GPT(config)
+    return model.flops_per_token(length) * rows * length
+
+
+def _optimiser_and_weights_bytes(config: GPTConfig) -> float:
+    total, _ = _counts(config)
+    return 16.0 * total  # fp32 weights, gradients and AdamW's two moments
+
+
+def _activation_bytes(config: GPTConfig, rows: int, length: int, naive_attention: bool = False) -> float:
+    """Activations kept for the backward pass in 16-bit, after Korthikanti et al. (2022): about
+    34 * d bytes per token and layer with a fused attention kernel (plus 5 * heads * T per token with
+    the scores written out), and the logits in 16 and 32 bits."""
+    per_token_layer = 34 * config.n_embd + (5 * config.n_head * length if naive_attention else 0)
+    vocab = math.ceil(config.vocab_size / config.pad_vocab_to) * config.pad_vocab_to
+    return rows * length * (config.n_layer * per_token_layer + 10 * vocab)
+
+
+def train(name: str, config: GPTConfig, rows: int, length: int | None = None, precision: str = "fp16", **kw) -> Phase:
+    length = length or config.context_length
+    batch = kw.pop("batch", rows)
+    memory = _optimiser_and_weights_bytes(config) + _activation_bytes(config, batch, length)
+    return Phase(name, training_flops(config, rows, length), memory, "train", precision, **kw)
+
+
+def forward(name: str, config: GPTConfig, rows: int, length: int, batch: int, precision: str = "fp16") -> Phase:
+    """Forward passes only (evaluation, embedding): a third of training's FLOPs."""
+    total, _ = _counts(config)
+    memory = 4.0 * total + batch * length * (2 * config.n_embd + 6 * config.vocab_size)
+    return Phase(name, training_flops(config, rows, length) / 3, memory, "forward", precision)
+
+
+def generate(
+    name: str, config: GPTConfig, prompts: int, prompt_len: int, new_tokens: int, batch: int, precision: str = "fp16"
+) -> Phase:
+    """Generation with the KV cache: the prompt in one forward pass, then one token per step for a
+    batch at a time. Each step is small, so the kernel launches, not the FLOPs, usually set its time."""
+    _, through = _counts(config)
+    length = prompt_len + new_tokens
+    prefill = prompts * (2 * through * prompt_len + 2 * config.n_layer * config.n_embd * prompt_len**2)
+    decode = prompts * sum(2 * through + 4 * config.n_layer * config.n_embd * t for t in range(prompt_len, length))
+    total, _ = _counts(config)
+    cache = 2 * config.n_layer * batch * length * config.n_embd * 2
+    steps = math.ceil(prompts / batch) * (new_tokens + 1)
+    return Phase(name, prefill + decode, 4.0 * total + cache, "generate", precision, steps, config.n_layer)
+
+
+def attention(name: str, lengths: list[int], heads: int, head_dim: int, calls: int) -> Phase:
+    """Bare attention, forward only, fp32 (Lab 02's benchmark): 4 * H * T^2 * d FLOPs a call, and the
+    written-out version holds two T x T score matrices per head."""
+    flops = calls * sum(4 * heads * t * t * head_dim for t in lengths)
+    memory = max(2 * heads * t * t * 4 for t in lengths)
+    return Phase(name, flops, memory, "attention", "fp32", calls * len(lengths), 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The labs' workloads: what each notebook does with its parameters on a GPU
+# ------------------------------------------------------------------------------------------------
+
+
+def shipped_config(name: str, data: Path | None = None) -> GPTConfig:
+    """The configuration stored with a shipped model (``base_model.pt``, ``sft_model.pt``)."""
+    payload = torch.load((data or data_dir()) / "artefacts" / name, map_location="meta", weights_only=False)
+    return GPTConfig(**payload["model_config"])
+
+
+def _lab01(_p: dict, _models: dict) -> list[Phase]:
+    return []  # tokenisers train on the CPU; nothing here uses a GPU
+
+
+def _lab02(p: dict, _models: dict) -> list[Phase]:
+    # measure.timed: one warm-up and three timed calls; measure.peak_memory: one call; naive and SDPA
+    lengths = p["benchmark_lengths"]
+    return [attention("attention benchmark", lengths, p["benchmark_heads"], p["benchmark_head_dim"], 2 * 5)]
+
+
+def _lab03(p: dict, _models: dict) -> list[Phase]:
+    n = p["generation_length"]
+    cfg = GPTConfig(**{**p["demo_config"], "context_length": n})
+    _, through = _counts(cfg)
+    # generated twice with the cache and twice without (the timing re-runs both); the uncached
+    # model re-reads all t tokens at step t
+    uncached = 2 * sum(2 * through * t + 4 * cfg.n_layer * cfg.n_embd * t * t for t in range(1, n))
+    cached = generate("generation with the cache (x2)", cfg, 2, 1, n - 1, 1, "fp32")
+    without = Phase("generation without the cache (x2)", uncached, cached.memory_bytes, "generate", "fp32", 2 * (n - 1))
+    without.n_layer = cfg.n_layer
+    return [cached, without]
+
+
+def _lab04(p: dict, models: dict) -> list[Phase]:
+    cfg = _cfg(p["model_size"], models["base"].vocab_size)
+    b, ladder = p["batch_size"], p["ladder_steps"] + 2  # two warm-up steps a rung
+    eval_rows = (p["train_steps"] // p["eval_every"] + 1) * 40 * b  # eval_batches = 40 in the gpu profile
+    return [
+        train("speed ladder: fp32 rung", cfg, ladder * b, precision="fp32", batch=b),
+        # on a T4: autocast, SDPA, compile, fused AdamW at the lab's batch, then twice the batch
+        train("speed ladder: fp16 rungs", cfg, ladder * 6 * b, batch=2 * b, overhead_seconds=3 * 45.0),
+        train("pretraining run", cfg, p["train_steps"] * b, batch=b),
+        forward("evaluations", cfg, eval_rows, cfg.context_length, b),
+        train("resume demonstration", cfg, 2 * p["resume_steps"] * b, batch=b),
+        generate("samples", cfg, 2 + p["train_steps"] // p["eval_every"], 1, 128, 1),
+    ]
+
+
+def _lab06(p: dict, models: dict) -> list[Phase]:
+    cfg, runs, batch = models["sft"], 1 + 2 * bool(p.get("run_ablation")), p["batch_size"]
+    length = cfg.context_length  # rows are padded to the longest in the batch: count the whole context
+    n = p["n_eval"]
+    return [
+        train(f"fine-tuning ({runs} runs)", cfg, runs * p["sft_steps"] * batch, length, batch=batch),
+        generate("fact recall", cfg, 5 * n, 12, 12, 128),
+        generate("answers on three sets, compliance", cfg, runs * 4 * n, 100, 48, 64),
+    ]
+
+
+def _lab08(p: dict, models: dict) -> list[Phase]:
+    cfg, n = models["sft"], p["n_questions"]
+    longest = cfg.context_length - 24
+    return [
+        forward("dense retrieval: embedding 750 biographies", models["base"], 750 + n, 90, 64),
+        generate("closed book", cfg, n, 16, 32, 64),
+        generate("with retrieved documents", cfg, len(p["ks"]) * n, longest, 24, 64),
+        generate("distractor layouts", cfg, 6 * n, longest, 24, 64),
+    ]
+
+
+def _lab09(p: dict, models: dict) -> list[Phase]:
+    cfg = models["sft"]
+    rows, length, new = p["prompts_per_step"] * p["group_size"], 72 + 64, 64
+    steps, n = p["grpo_steps"], p["n_eval"]
+    evals = 1 + steps // p["eval_every"] + 3
+    return [
+        generate("GRPO rollouts", cfg, steps * rows, 72, new, rows),
+        # old log-probs, reference log-probs (forwards), then one update: forward and backward
+        train("GRPO updates", cfg, steps * rows * 5 // 3, length, batch=rows),
+        generate("held-out evaluations", cfg, evals * n, 72, new, 64),
+        generate("pass@k samples", cfg, 2 * n * p["passk_samples"], 72, new, 64),
+    ]
+
+
+#: notebook number -> its workload
+WORKLOADS: dict[str, Callable[[dict, dict], list[Phase]]] = {
+    "01": _lab01,
+    "02": _lab02,
+    "03": _lab03,
+    "04": _lab04,
+    "06": _lab06,
+    "08": _lab08,
+    "09": _lab09,
+}
+
+
+class _Pick:
+    def __init__(self, profile: str):
+        self.profile = profile
+
+    def pick(self, **choices):
+        return choices[self.profile]
+
+
+def notebook_parameters(path: Path, profile: str = "gpu") -> dict:
+    """The values a notebook's parameters cell sets under ``profile``."""
+    nb = json.loads(Path(path).read_text(encoding="utf-8"))
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{path} has {len(cells)} parameters cells; the notebook contract asks for one")
+    namespace: dict = {"lab": _Pick(profile)}
+    exec("".join(cells[0]["source"]), namespace)
+    return {k: v for k, v in namespace.items() if k not in ("lab", "__builtins__")}
+
+
+def lab_plan(path: Path, models: dict) -> list[Phase]:
+    number = Path(path).name[:2]
+    if number not in WORKLOADS:
+        raise KeyError(f"{Path(path).name} has no workload in course_utils.plan.WORKLOADS: add one")
+    return WORKLOADS[number](notebook_parameters(path), models)
+
+
+def plan_rows(root: Path | None = None) -> list[dict]:
+    """One row per notebook: FLOPs, peak memory and T4 minutes of its gpu profile."""
+    root = root or find_root()
+    data = root / "data"
+    models = {"base": shipped_config("base_model.pt", data), "sft": shipped_config("sft_model.pt", data)}
+    rows = []
+    for path in sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        phases = lab_plan(path, models)
+        rows.append(
+            dict(
+                lab=path.name[:2],
+                notebook=path.name,
+                phases=phases,
+                train_flops=sum(ph.flops for ph in phases if ph.kind == "train"),
+                other_flops=sum(ph.flops for ph in phases if ph.kind != "train"),
+                peak_memory_gib=max((ph.memory_bytes for ph in phases), default=0.0) / 2**30,
+                t4_minutes=sum(ph.t4_seconds() for ph in phases) / 60,
+            )
+        )
+    return rows
+
+
+def format_plan(rows: list[dict], detail: bool = False) -> str:
+    lines = [
+        "| lab | training FLOPs | generation and other FLOPs | peak memory (GiB) | T4 minutes | budget |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fits = "fits" if r["t4_minutes"] <= T4_BUDGET_MINUTES and r["peak_memory_gib"] <= T4["memory_gib"] else "TRIM"
+        lines.append(
+            f"| {r['lab']} | {r['train_flops']:.2e} | {r['other_flops']:.2e} | {r['peak_memory_gib']:.2f} | "
+            f"{r['t4_minutes']:.1f} | {fits} (≤ {T4_BUDGET_MINUTES:.0f} min) |"
+        )
+        if detail:
+            for ph in r["phases"]:
+                lines.append(
+                    f"|  · {ph.name} | {ph.kind}, {ph.precision} | {ph.flops:.2e} | {ph.memory_bytes / 2**30:.2f} | "
+                    f"{ph.t4_seconds() / 60:.2f} | |"
+                )
+    lines.append("")
+    lines.append(
+        f"Assumptions: T4 peak {T4['fp16_peak'] / 1e12:.0f} TFLOP/s fp16 and {T4['fp32_peak'] / 1e12:.1f} fp32, "
+        f"MFU {T4['mfu']:.2f} for training and batched forwards; a decoding step costs at least "
+        f"{T4['ops_per_layer']} operations per layer (+10) at {T4['kernel_seconds'] * 1e6:.0f} µs each; "
+        "torch.compile 45 s a compilation; memory = fp32 weights, gradients and AdamW moments plus 16-bit "
+        "activations (Korthikanti et al. 2022) or the KV cache. FLOPs: GPT.flops_per_token, as the engine counts."
+    )
+    return "\n".join(lines)
+
+
+PLAN_LINE = re.compile(r"\*\*T4 plan:\*\*[^\n]*(\n[^\n*][^\n]*)*")
+
+
+def title_line(row: dict) -> str:
+    """The sentence each notebook's title cell carries about its own gpu profile."""
+    if not row["phases"]:
+        return "**T4 plan:** nothing in this lab runs on a GPU."
+    return (
+        f"**T4 plan:** the `gpu` profile asks for about {row['t4_minutes']:.1f} minutes of T4 compute "
+        f"({row['train_flops'] + row['other_flops']:.1e} FLOPs, peak memory {row['peak_memory_gib']:.1f} GiB), "
+        "counted by `python -m course_utils.bench plan`; not yet timed on a T4."
+    )
+
+
+def write_titles(rows: list[dict], root: Path | None = None) -> list[str]:
+    """Put (or refresh) each notebook's plan line in its title cell, after the **Time:** paragraph;
+    the names of the notebooks changed."""
+    root = root or find_root()
+    changed = []
+    for row in rows:
+        path = root / "notebooks" / row["notebook"]
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        title = "".join(nb["cells"][0]["source"])
+        line = title_line(row)
+        if PLAN_LINE.search(title):
+            new = PLAN_LINE.sub(lambda _, line=line: line, title)
+        else:
+            new = title.replace("**Builds on:**", line + "\n**Builds on:**", 1)
+        if new != title:
+            nb["cells"][0]["source"] = new.splitlines(keepends=True)
+            path.write_text(json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+            changed.append(path.name)
+    return changed
