@@ -1,12 +1,14 @@
 # `make lab`  : create the environment if needed, install everything, open Jupyter on notebooks/
 # `make test` : create the environment if needed, install everything, lint, run unit tests then every notebook (smoke profile)
+# `make gpu-check` : on a CUDA machine, measure the speed ladder, the T4 path, DDP and every lab's gpu profile
+#                    (`make gpu-check ARGS=--tiny` runs the same code on a tiny scale anywhere)
 # `make artefacts` : rebuild the reference chain (tokenizers, base model, SFT model) with the recipes, in order
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: lab test unit notebooks lint publish release artefacts clean
+.PHONY: lab test unit notebooks lint publish release artefacts gpu-check clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,3 +47,6 @@ artefacts: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
+
+gpu-check: $(STAMP)
+	$(BIN)/python -m course_utils.gpu_check $(ARGS)

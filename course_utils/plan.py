@@ -16,7 +16,7 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,6 +49,8 @@ class Phase:
     sequential_steps: int = 0  # forward calls that cannot be batched (decoding steps), each paying kernel launches
     n_layer: int = 0
     overhead_seconds: float = 0.0  # compilation and the like: not FLOPs
+    #: what a measurement needs to time this phase on a real device (see course_utils.gpu_check)
+    spec: dict = field(default_factory=dict)
 
     def t4_seconds(self) -> float:
         peak = T4["fp16_peak"] if self.precision == "fp16" else T4["fp32_peak"]
@@ -95,14 +97,16 @@ def train(name: str, config: GPTConfig, rows: int, length: int | None = None, pr
     length = length or config.context_length
     batch = kw.pop("batch", rows)
     memory = _optimiser_and_weights_bytes(config) + _activation_bytes(config, batch, length)
-    return Phase(name, training_flops(config, rows, length), memory, "train", precision, **kw)
+    spec = dict(config=config, rows=rows, batch=batch, length=length)
+    return Phase(name, training_flops(config, rows, length), memory, "train", precision, spec=spec, **kw)
 
 
 def forward(name: str, config: GPTConfig, rows: int, length: int, batch: int, precision: str = "fp16") -> Phase:
     """Forward passes only (evaluation, embedding): a third of training's FLOPs."""
     total, _ = _counts(config)
     memory = 4.0 * total + batch * length * (2 * config.n_embd + 6 * config.vocab_size)
-    return Phase(name, training_flops(config, rows, length) / 3, memory, "forward", precision)
+    spec = dict(config=config, rows=rows, batch=batch, length=length)
+    return Phase(name, training_flops(config, rows, length) / 3, memory, "forward", precision, spec=spec)
 
 
 def generate(
@@ -117,7 +121,8 @@ def generate(
     total, _ = _counts(config)
     cache = 2 * config.n_layer * batch * length * config.n_embd * 2
     steps = math.ceil(prompts / batch) * (new_tokens + 1)
-    return Phase(name, prefill + decode, 4.0 * total + cache, "generate", precision, steps, config.n_layer)
+    spec = dict(config=config, prompts=prompts, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, cache=True)
+    return Phase(name, prefill + decode, 4.0 * total + cache, "generate", precision, steps, config.n_layer, spec=spec)
 
 
 def attention(name: str, lengths: list[int], heads: int, head_dim: int, calls: int) -> Phase:
@@ -125,7 +130,8 @@ def attention(name: str, lengths: list[int], heads: int, head_dim: int, calls: i
     written-out version holds two T x T score matrices per head."""
     flops = calls * sum(4 * heads * t * t * head_dim for t in lengths)
     memory = max(2 * heads * t * t * 4 for t in lengths)
-    return Phase(name, flops, memory, "attention", "fp32", calls * len(lengths), 1)
+    spec = dict(lengths=lengths, heads=heads, head_dim=head_dim, calls=calls)
+    return Phase(name, flops, memory, "attention", "fp32", calls * len(lengths), 1, spec=spec)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,8 +163,9 @@ def _lab03(p: dict, _models: dict) -> list[Phase]:
     # model re-reads all t tokens at step t
     uncached = 2 * sum(2 * through * t + 4 * cfg.n_layer * cfg.n_embd * t * t for t in range(1, n))
     cached = generate("generation with the cache (x2)", cfg, 2, 1, n - 1, 1, "fp32")
+    spec = dict(config=cfg, prompts=2, batch=1, prompt_len=1, new_tokens=n - 1, cache=False)
     without = Phase("generation without the cache (x2)", uncached, cached.memory_bytes, "generate", "fp32", 2 * (n - 1))
-    without.n_layer = cfg.n_layer
+    without.n_layer, without.spec = cfg.n_layer, spec
     return [cached, without]
 
 

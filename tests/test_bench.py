@@ -115,3 +115,24 @@ def test_bench_plan_prints_every_lab(capsys):
     assert bench.main(["plan"]) == 0
     out = capsys.readouterr().out
     assert "| 04 |" in out and "| 09 |" in out and "Assumptions:" in out
+
+
+def test_gpu_check_runs_tiny_on_a_cpu_and_prints_every_table(capsys):
+    from course_utils import gpu_check
+
+    assert gpu_check.main(["--tiny", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    ladder = [line.split(" | ") for line in out.splitlines() if line.startswith("| tiny |")]
+    assert ladder[0][1] == "fp32, naive attention" and ladder[0][3] == "1.00"
+    assert any("fp16 autocast + gradient scaler" in row[1] and float(row[3]) > 0 for row in ladder)
+    assert "DDP: skipped" in out
+    for lab in ("01", "02", "03", "04", "06", "08", "09"):
+        assert f"| **{lab}** | **whole gpu profile** |" in out
+
+
+def test_gpu_check_without_a_gpu_asks_for_tiny(capsys):
+    from course_utils import gpu_check
+
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--device", "cpu"])
+    assert "add --tiny" in capsys.readouterr().err

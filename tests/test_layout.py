@@ -26,6 +26,7 @@ LEVELS = {
     "train": 4,
     "bench": 4,
     "plan": 4,
+    "gpu_check": 90,
     "scaling": 5,
     "world": 6,
     "sft": 6,
