@@ -194,7 +194,9 @@ class BatchSampler(SeededSampler):
     with probability ``weights[i]`` (a pretraining mixture), drawn from the same generator. ``fade``
     maps an array's index to a number of batches over which its weight falls linearly to zero (a part
     of the mixture that helps early and then gives its share back, annealed), or to ``(batches, floor)``
-    to fall to ``floor`` times its weight and stay there.
+    to fall to ``floor`` times its weight and stay there. ``ramp`` maps an array's index to
+    ``(start, batches)``: its weight is zero for the first ``start`` batches, then rises linearly to
+    the full weight over ``batches`` more (a part held back until another has done its work).
     """
 
     def __init__(
@@ -209,6 +211,7 @@ class BatchSampler(SeededSampler):
         world_size: int = 1,
         weights=None,
         fade: dict[int, int | tuple[int, float]] | None = None,
+        ramp: dict[int, tuple[int, int]] | None = None,
     ):
         import torch  # optional here: Lab 01 uses this module without torch
 
@@ -239,12 +242,25 @@ class BatchSampler(SeededSampler):
                 f"fade={fade}: map indices of the mixture's arrays to a positive number of batches "
                 "(or to (batches, floor) with 0 <= floor < 1)"
             )
+        self.ramp = {i: (int(start), int(n)) for i, (start, n) in (ramp or {}).items()}
+        if self.ramp and (
+            self.weights is None
+            or not all(0 <= i < len(self.sources) and start >= 0 and n > 0 for i, (start, n) in self.ramp.items())
+            or sum(w for i, w in enumerate(self.weights.tolist()) if i not in self.ramp) <= 0
+        ):
+            raise ValueError(
+                f"ramp={ramp}: map indices of the mixture's arrays to (start, batches) with start >= 0 and "
+                "batches > 0, and keep at least one part with weight that is not held back"
+            )
 
     def weights_now(self):
-        """The mixture's weights for the next batch, faded ones lowered in proportion to the batches drawn."""
+        """The mixture's weights for the next batch: faded parts lowered and held-back parts raised in
+        proportion to the batches drawn."""
         weights = self.weights.clone()
         for i, (until, floor) in self.fade.items():
             weights[i] *= max(floor, 1.0 - self.draws / until)
+        for i, (start, n) in self.ramp.items():
+            weights[i] *= min(1.0, max(0.0, (self.draws - start) / n))
         return weights
 
     def next(self):
@@ -256,7 +272,7 @@ class BatchSampler(SeededSampler):
             which = [0] * n
             starts = torch.randint(len(self.tokens) - self.seq_len - 1, (n,), generator=self.generator).tolist()
         else:
-            weights = self.weights_now() if self.fade else self.weights
+            weights = self.weights_now() if self.fade or self.ramp else self.weights
             which = torch.multinomial(weights, n, replacement=True, generator=self.generator).tolist()
             u = torch.rand(n, generator=self.generator).tolist()
             starts = [int(f * (len(self.sources[i]) - self.seq_len - 1)) for i, f in zip(which, u, strict=True)]

@@ -130,7 +130,8 @@ class Trainer:
     ``train_tokens`` may be a list of arrays mixed with ``train_weights`` (see :class:`BatchSampler`).
     ``train_batches`` replaces the token sampler by any object with ``next() -> (x, y)``,
     ``state_dict()`` and ``load_state_dict()`` (fine-tuning batches of conversations, for example).
-    ``fade`` lowers parts of the mixture over a number of batches (see :class:`BatchSampler`).
+    ``fade`` lowers parts of the mixture over a number of batches and ``ramp`` holds parts back, then
+    raises them (see :class:`BatchSampler`).
     ``probes`` maps names to functions of the model that return a number (an in-context score, say);
     each is measured at every evaluation, in eval mode without gradients, and logged beside the loss."""
 
@@ -145,6 +146,7 @@ class Trainer:
         train_batches=None,
         probes: dict[str, Callable[[nn.Module], float]] | None = None,
         fade: dict[int, int | tuple[int, float]] | None = None,
+        ramp: dict[int, tuple[int, int]] | None = None,
     ):
         self.cfg, self.tokenizer_id, self.probes = cfg, tokenizer_id, dict(probes or {})
         self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -179,6 +181,7 @@ class Trainer:
             world_size=self.world_size,
             weights=train_weights,
             fade=fade,
+            ramp=ramp,
         )
         self.val_tokens = val_tokens
         self.step = 0

@@ -297,3 +297,23 @@ def test_a_lookup_run_reports_its_accuracy_curve(capsys):
     assert [s for s, _ in curve] == [2, 3] and all(0 <= a <= 1 for _, a in curve)
     assert icl.main(["--steps", "1", "--key-length", "2", "--gap", "1", "--widths", "0"]) == 0
     assert "seed 0, conv_width 0: accuracy" in capsys.readouterr().out
+
+
+def test_a_held_back_part_of_the_mixture_starts_late_then_rises():
+    ones, zeros = np.ones(1000, dtype=np.uint16), np.zeros(1000, dtype=np.uint16)
+    sampler = data.BatchSampler([ones, zeros], 2000, 8, seed=0, weights=[0.5, 0.5], ramp={1: (4, 4)})
+    shares = [float((sampler.next()[0] == 0).float().mean()) for _ in range(10)]
+    # held back for four batches, then a quarter, a half, three quarters of its weight (shares 0.2, 0.33,
+    # 0.43), then all of it
+    assert shares[:4] == [0.0] * 4 and 0.15 < shares[4] < 0.25 and 0.45 < shares[-1] < 0.55
+    assert shares[4] < shares[5] < shares[6] < shares[7]
+    resumed = data.BatchSampler([ones, zeros], 2000, 8, seed=3, weights=[0.5, 0.5], ramp={1: (4, 4)})
+    resumed.load_state_dict(sampler.state_dict())
+    again = data.BatchSampler([ones, zeros], 2000, 8, seed=0, weights=[0.5, 0.5], ramp={1: (4, 4)})
+    for _ in range(10):
+        again.next()
+    assert torch.equal(resumed.next()[0], again.next()[0])
+    with pytest.raises(ValueError, match="ramp="):
+        data.BatchSampler([ones, zeros], 4, 8, weights=[0.0, 0.5], ramp={1: (4, 4)})
+    with pytest.raises(ValueError, match="ramp="):
+        data.BatchSampler([ones, zeros], 4, 8, weights=[0.5, 0.5], ramp={1: (4, 0)})

@@ -53,6 +53,7 @@ TINY = [
 
 def test_base_model_recipe_trains_on_the_mixture_resumes_and_writes_its_card(tmp_path, capsys):
     mixture = ["--reading", "0.1", "--lists", "0.1", "--copy", "0.1", "--copy-fade", "3", "--context-length", "256"]
+    mixture += ["--lookups-start", "2", "--lookups-ramp", "1"]
     args = TINY + mixture + ["--out-dir", str(tmp_path / "run"), "--out", str(tmp_path / "base.pt")]
     assert base_model.main(args + ["--max-steps", "2"]) == 0
     assert read_card(tmp_path / "base.pt")["metrics"]["resumed_at_step"] is None
@@ -73,6 +74,7 @@ def test_base_model_recipe_trains_on_the_mixture_resumes_and_writes_its_card(tmp
     }
     assert 0 <= metrics["in_context_facts"] <= 1 and 0 <= metrics["in_context_facts_started"] <= 1
     assert metrics["copy_loss_first"] > 0 and metrics["mixture"]["lookups"] == 0.15
+    assert metrics["lookups_start_step"] == 2 and metrics["lookups_ramp_steps"] == 1
     assert all([s for s, _ in curve] == [2, 4] for curve in metrics["probe_curves"].values())
     assert card["data_sha256"]["world_pretraining"] == make_world(0).pretraining_sha256()
     assert (

@@ -9,9 +9,12 @@ front of each attention layer (``--conv-width``), so that a key can stand for a 
 the words after it, rather than one: a lookup in the prompt is then a single match.
 
 Each part of the mixture is a switch with its share (``--biographies``, ``--reading``, ``--lookups``,
-``--lists``, ``--copy``); the stories take the rest. The run resumes from ``OUT_DIR/checkpoint.pt`` when it was cut
-off. The copy score (loss on the second copy of a repeated span of ordinary tokens over the first) is
-measured at every evaluation, so the card keeps its curve: the induction bump; so are lookups of facts
+``--lists``, ``--copy``); the stories take the rest. The copy sequences come first and fade; the lookups
+are held back for the first steps (``--lookups-start``): trained from the start, the model learns to look
+up names with its convolution and never learns to copy a span it has not seen before. The run resumes
+from ``OUT_DIR/checkpoint.pt`` when it was cut off. The copy score (loss on the second copy of a
+repeated span of ordinary tokens over the first) is measured at every evaluation, so the card keeps
+its curve: the induction bump; so are lookups of facts
 stated only in the prompt and the recall of held-out people's home towns. The card also records
 the validation loss, fact recall for each split of the world against always guessing the commonest
 value, few-shot and in-context accuracy, samples, the file's size and hash, and its load time.
@@ -77,8 +80,9 @@ SAMPLE_PROMPTS = ("", "Once upon a time, there was a little", "Tom and Lily went
 SHOTS = (0, 1, 2, 4, 8)
 
 
-def mixture(args, tokenizer, world) -> tuple[list, list[float], dict[int, int], dict[str, float], dict[str, str]]:
-    """The token arrays, their weights, which fade, the shares by name and the hashes of what they hold."""
+def mixture(args, tokenizer, world) -> tuple[list, list[float], dict, dict, dict[str, float], dict[str, str]]:
+    """The token arrays, their weights, which fade, which are held back, the shares by name and the
+    hashes of what they hold."""
     eot = tokenizer.special_tokens[ENDOFTEXT]
     stories = token_cache(tokenizer, "train")
     parts = {"stories": stories}
@@ -118,7 +122,12 @@ def mixture(args, tokenizer, world) -> tuple[list, list[float], dict[int, int], 
         if args.copy and args.copy_fade
         else {}
     )
-    return [parts[n] for n in names], [shares[n] for n in names], fade, shares, hashes
+    ramp = (
+        {names.index("lookups"): (args.lookups_start * args.grad_accum, max(1, args.lookups_ramp * args.grad_accum))}
+        if args.lookups and args.lookups_start
+        else {}
+    )
+    return [parts[n] for n in names], [shares[n] for n in names], fade, ramp, shares, hashes
 
 
 def training_probes(tokenizer, world, copy_rows, n: int = 50) -> dict:
@@ -154,6 +163,15 @@ def main(argv: list[str] | None = None) -> int:
         "--lookups", type=float, default=0.15, help="share from dense lookups: several invented people, then questions"
     )
     parser.add_argument("--lookup-documents", type=int, default=40_000)
+    parser.add_argument(
+        "--lookups-start",
+        type=int,
+        default=500,
+        help="steps before the lookups join the mixture (0: from the start); copying forms first without them",
+    )
+    parser.add_argument(
+        "--lookups-ramp", type=int, default=250, help="steps over which the lookups rise to their share"
+    )
     parser.add_argument(
         "--lists", type=float, default=0.05, help="share from lists of facts about the fine-tuning people"
     )
@@ -199,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = Tokenizer.load(args.tokenizer or data_dir() / "artefacts" / BASE_TOKENIZER)
         world = make_world(args.world_seed)
         cfg = config_from_arguments(args, tokenizer.n_vocab)
-        sources, weights, fade, shares, hashes = mixture(args, tokenizer, world)
+        sources, weights, fade, ramp, shares, hashes = mixture(args, tokenizer, world)
         eot = tokenizer.special_tokens[ENDOFTEXT]
         probe_rows = repeated_sequences(common_tokens(sources[0], 1000, exclude=[eot]), 16, 60, eot, seed=123)
         trainer = Trainer(
@@ -209,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer_id=tokenizer_fingerprint(tokenizer),
             train_weights=weights if len(sources) > 1 else None,
             fade=fade,
+            ramp=ramp,
             probes=training_probes(tokenizer, world, probe_rows),
         )
         resumed_at = trainer.step if trainer.resume() else None
@@ -240,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         "mixture": {k: round(v, 4) for k, v in shares.items()},
         "copy_fade_steps": args.copy_fade,
         "copy_floor": args.copy_floor,
+        "lookups_start_step": args.lookups_start if args.lookups else None,
+        "lookups_ramp_steps": args.lookups_ramp if args.lookups and args.lookups_start else None,
         "val_loss_tinystories": round(val_loss, 4),
         "copy_loss_first": round(first, 4),
         "copy_loss_second": round(second, 4),
