@@ -55,7 +55,8 @@ class Phase:
     def t4_seconds(self) -> float:
         peak = T4["fp16_peak"] if self.precision == "fp16" else T4["fp32_peak"]
         compute = self.flops / (peak * T4["mfu"])
-        launches = self.sequential_steps * (self.n_layer * T4["ops_per_layer"] + 10) * T4["kernel_seconds"]
+        passes = 3 if self.kind == "train" else 1  # forward, backward (twice the operations)
+        launches = self.sequential_steps * passes * (self.n_layer * T4["ops_per_layer"] + 10) * T4["kernel_seconds"]
         return max(compute, launches) + self.overhead_seconds
 
 
@@ -98,7 +99,9 @@ def train(name: str, config: GPTConfig, rows: int, length: int | None = None, pr
     batch = kw.pop("batch", rows)
     memory = _optimiser_and_weights_bytes(config) + _activation_bytes(config, batch, length)
     spec = dict(config=config, rows=rows, batch=batch, length=length)
-    return Phase(name, training_flops(config, rows, length), memory, "train", precision, spec=spec, **kw)
+    steps = math.ceil(rows / batch)  # small steps are bound by kernel launches, not FLOPs
+    flops = training_flops(config, rows, length)
+    return Phase(name, flops, memory, "train", precision, steps, config.n_layer, spec=spec, **kw)
 
 
 def forward(name: str, config: GPTConfig, rows: int, length: int, batch: int, precision: str = "fp16") -> Phase:
@@ -166,7 +169,10 @@ def _lab03(p: dict, _models: dict) -> list[Phase]:
     spec = dict(config=cfg, prompts=2, batch=1, prompt_len=1, new_tokens=n - 1, cache=False)
     without = Phase("generation without the cache (x2)", uncached, cached.memory_bytes, "generate", "fp32", 2 * (n - 1))
     without.n_layer, without.spec = cfg.n_layer, spec
-    return [cached, without]
+    # section 8: two small models (learned and rotary positions) on 16 windows of 64 tokens a step
+    small = GPTConfig(vocab_size=cfg.vocab_size, context_length=256, n_layer=2, n_head=4, n_embd=128)
+    positions = train("learned and rotary positions (2 models)", small, 2 * p["position_steps"] * 16, 64, batch=16)
+    return [cached, without, positions]
 
 
 def _lab04(p: dict, models: dict) -> list[Phase]:
