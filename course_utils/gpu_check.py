@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -123,7 +123,9 @@ def phase_seconds(phase: Phase, device: torch.device, steps: int, tiny: bool) ->
     batch = min(spec["batch"], 4) if tiny else spec["batch"]
     if phase.kind == "train":
         length = min(spec["length"], config.context_length)
-        settings = dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, context_length=length)
+        # the phase's own architecture (positions, smeared keys, convolution, key-value heads) at its length
+        settings = {**asdict(config), "context_length": length}
+        settings.pop("vocab_size"), settings.pop("attention")
         result = training_throughput(
             settings, config.vocab_size, batch, device=device, steps=steps, precision=precision
         )
