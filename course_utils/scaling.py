@@ -18,6 +18,7 @@ import math
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -321,16 +322,16 @@ SWEEPS = {
         "batch_size": 32,
     },
     "cpu": {
-        "budgets": (3e11, 1e12, 3e12),
-        "shapes": ((1, 32), (2, 48), (2, 64), (3, 96), (4, 128)),
-        "heldout_budget": 1e13,
+        "budgets": (3e11, 1e12, 3e12, 1e13),
+        "shapes": ((1, 16), (1, 32), (2, 48), (2, 64), (3, 96), (4, 128)),
+        "heldout_budget": 3e13,
         "context_length": 128,
         "batch_size": 16,
     },
     "smoke": {
-        "budgets": (3e10, 1e11),
-        "shapes": ((1, 32), (2, 48), (2, 64)),
-        "heldout_budget": 3e11,
+        "budgets": (1e10, 3e10),
+        "shapes": ((1, 8), (1, 16), (1, 32), (2, 48)),
+        "heldout_budget": 1e11,
         "context_length": 64,
         "batch_size": 16,
     },
@@ -375,6 +376,59 @@ def frontier(rows: list[dict[str, float]]) -> dict[float, tuple[float, float]]:
         flops_per_param_token = float(np.mean([p[2] for p in pts]))  # ~6, a little more with attention
         out[budget] = (n_opt, budget / (flops_per_param_token * n_opt))
     return out
+
+
+def check_sweep(rows: list[dict[str, float]]) -> None:
+    """Raise a ValueError that says what to fix unless the sweep can be fitted: two budgets or more,
+    three sizes or more at each, positive losses, and each budget's smallest loss at an interior size
+    (a smaller and a larger model both did worse)."""
+    fitted = [r for r in rows if not r.get("heldout")]
+    bad = [r for r in fitted if not r["val_loss"] > 0 or not r["params"] > 0 or not r["tokens"] > 0]
+    if bad:
+        r = bad[0]
+        raise ValueError(
+            f"{len(bad)} run(s) with a loss, size or token count that is not positive (first: budget "
+            f"{r['budget']:.0e}, {r['n_layer']:.0f}x{r['n_embd']:.0f}, loss {r['val_loss']}); rerun or drop them"
+        )
+    budgets = sorted({r["budget"] for r in fitted})
+    if len(budgets) < 2:
+        raise ValueError(
+            f"the sweep has {len(budgets)} budget(s); how N* grows with compute needs two or more: add a budget"
+        )
+    for budget in budgets:
+        runs = sorted((r for r in fitted if r["budget"] == budget), key=lambda r: r["params"])
+        if len(runs) < 3:
+            raise ValueError(f"budget {budget:.0e} has {len(runs)} sizes; an IsoFLOP curve needs three or more")
+        best = int(np.argmin([r["val_loss"] for r in runs]))
+        if best in (0, len(runs) - 1):
+            side = "smaller" if best == 0 else "larger"
+            raise ValueError(
+                f"budget {budget:.0e} has its lowest loss at its {'smallest' if best == 0 else 'largest'} size "
+                f"({runs[best]['params']:,.0f} parameters), so its minimum is not inside the sweep: add {side} models"
+            )
+
+
+def bootstrap_exponent(rows: list[dict[str, float]], samples: int = 1000, seed: int = 0) -> np.ndarray:
+    """The exponent of ``N* ∝ C^a`` refitted on ``samples`` resamples of the sweep (each budget's runs
+    drawn with replacement); resamples in which a budget has no IsoFLOP vertex are dropped."""
+    rng = np.random.default_rng(seed)
+    fitted = [r for r in rows if not r.get("heldout")]
+    budgets = sorted({r["budget"] for r in fitted})
+    by_budget = {c: [r for r in fitted if r["budget"] == c] for c in budgets}
+    out = []
+    with warnings.catch_warnings():  # a resample that repeats one size fits a parabola poorly: dropped below
+        warnings.simplefilter("ignore", getattr(np, "exceptions", np).RankWarning)
+        for _ in range(samples):
+            vertices = []
+            for c in budgets:
+                pick = [by_budget[c][i] for i in rng.integers(0, len(by_budget[c]), len(by_budget[c]))]
+                try:
+                    vertices.append(isoflop_vertex([r["params"] for r in pick], [r["val_loss"] for r in pick])[0])
+                except (ValueError, np.linalg.LinAlgError):
+                    break
+            if len(vertices) == len(budgets):
+                out.append(fit_power_law(budgets, vertices)[1])
+    return np.array(out)
 
 
 def nearest_shape(n_params: float, vocab_size: int, shapes=CANDIDATE_SHAPES) -> tuple[int, int]:

@@ -106,3 +106,35 @@ def test_a_sweep_records_its_runs_resumes_from_its_csv_and_leaves_no_logs(tmp_pa
     )
     assert again == scaling.load_sweep("s.csv")  # read back, not retrained
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.csv"]
+
+
+def _row(budget, params, loss, heldout=0.0):
+    return dict(budget=budget, n_layer=1.0, n_embd=params / 1000, n_head=1.0, params=params, tokens=budget / 6 / params,
+                steps=10.0, flops=budget, val_loss=loss, seconds=1.0, heldout=heldout)  # fmt: skip
+
+
+def _bowl(budget, centre):
+    return [_row(budget, n, 3.0 + 0.1 * (np.log(n) - np.log(centre)) ** 2) for n in np.geomspace(1e4, 1e6, 5)]
+
+
+def test_a_sweep_that_cannot_be_fitted_says_what_to_add():
+    good = _bowl(1e12, 1e5) + _bowl(1e13, 3e5)
+    scaling.check_sweep(good)
+    with pytest.raises(ValueError, match="needs two or more: add a budget"):
+        scaling.check_sweep(_bowl(1e12, 1e5))
+    with pytest.raises(ValueError, match="largest size .* add larger models"):
+        scaling.check_sweep(_bowl(1e12, 1e5) + _bowl(1e13, 1e7))
+    with pytest.raises(ValueError, match="smallest size .* add smaller models"):
+        scaling.check_sweep(_bowl(1e12, 1e3) + _bowl(1e13, 3e5))
+    with pytest.raises(ValueError, match="not positive"):
+        scaling.check_sweep(good[:-1] + [_row(1e13, 1e6, 0.0)])
+
+
+def test_the_bootstrap_spreads_around_the_fitted_exponent():
+    rng = np.random.default_rng(1)
+    budgets = [1e11, 1e12, 1e13, 1e14]
+    rows = [r for c in budgets for r in _bowl(c, 1e5 * (c / 1e11) ** 0.5)]
+    for r in rows:
+        r["val_loss"] += rng.normal(0, 0.002)
+    exponents = scaling.bootstrap_exponent(rows, 200, seed=0)
+    assert len(exponents) > 100 and abs(np.median(exponents) - 0.5) < 0.05 and exponents.std() > 0

@@ -14,11 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..data import tinystories_sha256, tokenizer_fingerprint
 from ..lab import data_dir
 from ..scaling import (
     SWEEPS,
     Run,
+    bootstrap_exponent,
+    check_sweep,
     chinchilla_loss,
     fit_chinchilla,
     fit_power_law,
@@ -47,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_sweep(
             isoflop_runs(plan["budgets"], plan["shapes"]), train, val, tokenizer.n_vocab, out=out, **settings
         )
+        check_sweep(rows)
         front = frontier(rows)
-        if len(front) < 2:
-            raise ValueError("fewer than two budgets have an IsoFLOP minimum; widen the shapes")
         k, a = fit_power_law(list(front), [n for n, _ in front.values()])
         shape = nearest_shape(k * plan["heldout_budget"] ** a, tokenizer.n_vocab)
         held = Run(plan["heldout_budget"], shape[0], shape[1], max(1, shape[1] // 64), heldout=True)
@@ -64,8 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     last = [r for r in rows if r["heldout"]][-1]
     predicted = float(chinchilla_loss(last["params"], last["tokens"], fit))
+    exponents = bootstrap_exponent(rows, 1000)
+    front = frontier(rows)
     metrics = {
         "runs": len(rows),
+        "n_star_exponent": round(fit_power_law(list(front), [n for n, _ in front.values()])[1], 4),
+        "n_star_exponent_bootstrap_90": [round(float(v), 4) for v in np.percentile(exponents, [5, 95])],
+        "tokens_per_parameter_at_optimum": {f"{c:.0e}": round(d / n, 1) for c, (n, d) in front.items()},
         "fit": {k: round(v, 5) for k, v in fit.items()},
         "heldout_measured": round(last["val_loss"], 4),
         "heldout_predicted": round(predicted, 4),
