@@ -190,6 +190,16 @@ def _lab04(p: dict, models: dict) -> list[Phase]:
     ]
 
 
+def _lab05(p: dict, _models: dict) -> list[Phase]:
+    # the live IsoFLOP sweep: every shape trained for every budget (the sweep's vocabulary and context)
+    phases = []
+    for n_layer, n_embd in p["live_shapes"]:
+        cfg = GPTConfig(vocab_size=512, context_length=128, n_layer=n_layer, n_head=max(1, n_embd // 64), n_embd=n_embd)
+        rows = round(sum(p["live_budgets"]) / training_flops(cfg, 1))
+        phases.append(train(f"IsoFLOP sweep: {n_layer}x{n_embd}", cfg, rows, batch=16))
+    return phases
+
+
 def _lab06(p: dict, models: dict) -> list[Phase]:
     cfg, runs, batch = models["sft"], 1 + 2 * bool(p.get("run_ablation")), p["batch_size"]
     length = cfg.context_length  # rows are padded to the longest in the batch: count the whole context
@@ -232,6 +242,7 @@ WORKLOADS: dict[str, Callable[[dict, dict], list[Phase]]] = {
     "02": _lab02,
     "03": _lab03,
     "04": _lab04,
+    "05": _lab05,
     "06": _lab06,
     "08": _lab08,
     "09": _lab09,

@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     last = [r for r in rows if r["heldout"]][-1]
     predicted = float(chinchilla_loss(last["params"], last["tokens"], fit))
+    budgets = sorted({r["budget"] for r in rows if not r["heldout"]})
+    lowest = [min(r["val_loss"] for r in rows if r["budget"] == c and not r["heldout"]) for c in budgets]
+    scale, slope = fit_power_law(budgets, lowest)
+    power_law_prediction = scale * last["budget"] ** slope
     exponents = bootstrap_exponent(rows, 1000)
     front = frontier(rows)
     metrics = {
@@ -78,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         "heldout_measured": round(last["val_loss"], 4),
         "heldout_predicted": round(predicted, 4),
         "heldout_error": round(predicted / last["val_loss"] - 1, 4),
+        # Kaplan's form on the same sweep: the lowest loss at each budget as a power law of C
+        "heldout_predicted_power_law": round(power_law_prediction, 4),
+        "heldout_error_power_law": round(power_law_prediction / last["val_loss"] - 1, 4),
         "seconds": round(sum(r["seconds"] for r in rows), 1),
     }
     finish(
