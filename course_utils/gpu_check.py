@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .bench import SIZES, training_throughput
 from .lab import find_root, precision_for
 from .measure import timed
-from .model import GPT, GPTConfig, causal_mask, generate
+from .model import GPT, GPTConfig, causal_mask, generate, naive_attention
 from .plan import T4, Phase, lab_plan, shipped_config
 from .train import mixed_precision, peak_flops
 
@@ -111,8 +111,7 @@ def phase_seconds(phase: Phase, device: torch.device, steps: int, tiny: bool) ->
             mask = causal_mask(t, device=device)
 
             def naive(q=q, k=k, v=v, mask=mask):
-                scores = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~mask, float("-inf"))
-                return scores.softmax(-1) @ v
+                return naive_attention(q, k, v, mask)
 
             def fused(q=q, k=k, v=v):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)

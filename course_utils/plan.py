@@ -64,10 +64,15 @@ def _cfg(model_settings: dict, vocab_size: int) -> GPTConfig:
     return GPTConfig(vocab_size=vocab_size, **model_settings)
 
 
+def _meta(config: GPTConfig) -> GPT:
+    """The model's shapes only: no memory, no initialisation."""
+    with torch.device("meta"):
+        return GPT(config)
+
+
 def _counts(config: GPTConfig) -> tuple[int, int]:
     """(all parameters, parameters a token passes through) without allocating the model."""
-    with torch.device("meta"):
-        model = GPT(config)
+    model = _meta(config)
     return model.num_parameters(), model.num_parameters() - model.position_parameters()
 
 
@@ -75,9 +80,7 @@ def training_flops(config: GPTConfig, rows: int, length: int | None = None) -> f
     """FLOPs of training on ``rows`` sequences of ``length`` tokens, as the engine counts them:
     :meth:`GPT.flops_per_token` (6 per parameter plus attention) times the tokens."""
     length = length or config.context_length
-    with torch.device("meta"):
-        model = GPT(config)
-    return model.flops_per_token(length) * rows * length
+    return _meta(config).flops_per_token(length) * rows * length
 
 
 def _optimiser_and_weights_bytes(config: GPTConfig) -> float:
@@ -117,11 +120,10 @@ def generate(
 ) -> Phase:
     """Generation with the KV cache: the prompt in one forward pass, then one token per step for a
     batch at a time. Each step is small, so the kernel launches, not the FLOPs, usually set its time."""
-    _, through = _counts(config)
+    total, through = _counts(config)
     length = prompt_len + new_tokens
     prefill = prompts * (2 * through * prompt_len + 2 * config.n_layer * config.n_embd * prompt_len**2)
     decode = prompts * sum(2 * through + 4 * config.n_layer * config.n_embd * t for t in range(prompt_len, length))
-    total, _ = _counts(config)
     cache = 2 * config.n_layer * batch * length * config.n_embd * 2
     steps = math.ceil(prompts / batch) * (new_tokens + 1)
     spec = dict(config=config, prompts=prompts, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, cache=True)
