@@ -324,6 +324,23 @@ def common_tokens(tokens, n: int = 1000, exclude: Sequence[int] = (), sample: in
     return np.argsort(-counts, kind="stable")[:n]
 
 
+def shrink_vocabulary(tokens, size: int, special: int, sample: int = 2_000_000) -> np.ndarray:
+    """A lookup table (one entry per id of ``tokens``' vocabulary) onto ``size`` ids, for small
+    experiments: the ``size - 2`` most frequent ordinary tokens become ``0 .. size - 3`` (most frequent
+    first), every other token the one shared id ``size - 2`` ("rare"), and ``special`` (the document
+    separator) the last id. ``lookup[tokens]`` is then the same text in the small vocabulary; the
+    output layer shrinks with it, which is where a tiny model spends most of its time."""
+    if size < 3:
+        raise ValueError(f"size={size}: keep at least one ordinary token besides 'rare' and the separator")
+    tokens = np.asarray(tokens)
+    n_vocab = max(int(tokens[:sample].max()), special) + 1
+    lookup = np.full(n_vocab, size - 2, dtype=np.uint16)
+    kept = common_tokens(tokens, size - 2, exclude=[special], sample=sample)
+    lookup[kept] = np.arange(len(kept))
+    lookup[special] = size - 1
+    return lookup
+
+
 def copy_sequences(
     vocabulary: np.ndarray, n_tokens: int, separator: int, *, span: tuple[int, int] = (10, 60), seed: int = 0
 ) -> np.ndarray:

@@ -213,6 +213,21 @@ def _lab06(p: dict, models: dict) -> list[Phase]:
     ]
 
 
+def _lab07(p: dict, models: dict) -> list[Phase]:
+    base, n, facts = models["base"], p["n_questions"], p["n_facts"]
+    shots, draws = p["shots"], p["n_draws"]
+    few = n * sum(draws if k else 1 for k in shots)
+    # an example is about 20 tokens; 8 people's facts about 15 tokens each
+    small = GPTConfig(vocab_size=512, context_length=64, n_layer=2, n_head=2, n_embd=64)
+    return [
+        generate("few-shot, formats, orders, assistant, flipped", base, few + 8 * n, 20 * max(shots) + 20, 16, 64),
+        generate("facts given only in the prompt", base, 6 * facts, 8 * 15 + 20, 16, 64),
+        forward("copy probe and loss by position", base, 32 + 16 * 16, base.context_length, 16),
+        train("data ablation (3 small models)", small, 3 * p["ablation_steps"] * 32, 64, batch=32),
+        generate("SFT zero-shot against base 8-shot", base, 2 * n, 20 * 8 + 20, 24, 64),
+    ]
+
+
 def _lab08(p: dict, models: dict) -> list[Phase]:
     cfg, n = models["sft"], p["n_questions"]
     longest = cfg.context_length - 24
@@ -246,6 +261,7 @@ WORKLOADS: dict[str, Callable[[dict, dict], list[Phase]]] = {
     "04": _lab04,
     "05": _lab05,
     "06": _lab06,
+    "07": _lab07,
     "08": _lab08,
     "09": _lab09,
 }

@@ -317,3 +317,12 @@ def test_a_held_back_part_of_the_mixture_starts_late_then_rises():
         data.BatchSampler([ones, zeros], 4, 8, weights=[0.0, 0.5], ramp={1: (4, 4)})
     with pytest.raises(ValueError, match="ramp="):
         data.BatchSampler([ones, zeros], 4, 8, weights=[0.5, 0.5], ramp={1: (4, 0)})
+
+
+def test_shrink_vocabulary_keeps_the_commonest_tokens_and_the_separator():
+    tokens = np.array([9, 4, 4, 4, 7, 7, 2, 9, 9, 9, 0], dtype=np.uint16)  # 9 is commonest, then 4, then 7
+    lookup = data.shrink_vocabulary(tokens, 4, special=0)
+    assert list(lookup[tokens]) == [0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 3]  # 7 and 2 share "rare" (id 2)
+    assert lookup.dtype == np.uint16 and len(lookup) == 10
+    with pytest.raises(ValueError, match="at least one ordinary token"):
+        data.shrink_vocabulary(tokens, 2, special=0)
