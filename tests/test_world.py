@@ -193,18 +193,22 @@ def test_base_model_knows_pretraining_people_and_not_retrieval_people(base, w, d
         measured = world.fact_recall(model, tok, w.split(split))["accuracy"]
         assert measured == pytest.approx(card["metrics"]["recall"][split], abs=0.01)
         if split != "retrieval":
-            assert measured["birth_city"] >= 0.8 and sum(v >= 0.8 for v in measured.values()) >= 3, measured
+            # stored, not guessed: every attribute far above the commonest value (data/README.md has the figures)
+            assert min(measured.values()) >= 0.6 and sum(measured.values()) / len(measured) >= 0.75, measured
         else:
             for attribute, value in measured.items():
                 assert value <= w.most_common(attribute, "retrieval")[1] + 0.05, (attribute, value)
 
 
 def test_base_model_card_loss_is_true(base, data_dir):
+    import torch
+
     from course_utils.train import evaluate_loss
 
     model, tok = base
     card = read_card(data_dir / "artefacts" / world.BASE_MODEL)
-    loss = evaluate_loss(model, data.token_cache(tok, "val"), 32, model.config.context_length, 20)
+    torch.manual_seed(0)  # as the recipe measures it: 20 batches of 32 windows of up to 256 tokens
+    loss = evaluate_loss(model, data.token_cache(tok, "val"), 32, min(256, model.config.context_length), 20)
     assert loss == pytest.approx(card["metrics"]["val_loss_tinystories"], abs=0.01)
     assert card["data_sha256"]["world_pretraining"] == make_world(0).pretraining_sha256()
 
