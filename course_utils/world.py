@@ -595,17 +595,29 @@ def fact_list(people: list[Person], attribute: str, fmt: str, rng: random.Random
 
 
 def fact_lists(
-    world: World, split: str, n_documents: int, seed: int = 0, sizes: tuple[int, int] = (4, 12)
+    world: World,
+    split: str,
+    n_documents: int,
+    seed: int = 0,
+    sizes: tuple[int, int] = (4, 12),
+    formats: dict[str, float] | None = None,
 ) -> list[str]:
     """Lists of facts about the people of ``split`` (known from their biographies), one attribute and
-    one format each (:data:`LIST_FORMATS`). Keep held-out people out: their questions test whether
-    fine-tuning and few-shot prompting generalise."""
+    one format each, drawn with the weights of ``formats`` (default :data:`LIST_FORMATS`). Held-out
+    people may appear only in lists without questions (``colon``, ``table``): their questions test
+    whether fine-tuning and few-shot prompting generalise."""
+    formats = formats or LIST_FORMATS
+    unknown = set(formats) - set(LIST_FORMATS)
+    if unknown:
+        raise ValueError(f"unknown list formats {sorted(unknown)}; known: {sorted(LIST_FORMATS)}")
+    if split == "heldout" and any(f.startswith("qa") and w > 0 for f, w in formats.items()):
+        raise ValueError("held-out people's questions and answers must stay out of pretraining: use colon or table")
     people = world.split(split)
     rng = random.Random(f"{world.seed}:lists:{split}:{seed}")
     documents = []
     for _ in range(n_documents):
         group = rng.sample(people, min(len(people), rng.randint(*sizes)))
-        fmt = rng.choices(list(LIST_FORMATS), weights=list(LIST_FORMATS.values()))[0]
+        fmt = rng.choices(list(formats), weights=list(formats.values()))[0]
         documents.append(fact_list(group, rng.choice(PROBED), fmt, rng))
     return documents
 

@@ -174,6 +174,12 @@ def test_mixture_documents_are_deterministic_and_keep_held_out_people_out():
     heldout = {p.name for p in w.split("heldout")}
     assert not any(name in doc for doc in lists for name in heldout)
     assert any(doc.startswith("Q: ") for doc in lists) and any(doc.startswith("| name |") for doc in lists)
+    tables = world.fact_lists(w, "heldout", 40, formats={"colon": 0.5, "table": 0.5})
+    assert any(name in doc for doc in tables for name in heldout) and not any("Q: " in doc for doc in tables)
+    with pytest.raises(ValueError, match="must stay out of pretraining"):
+        world.fact_lists(w, "heldout", 5)
+    with pytest.raises(ValueError, match="unknown list formats"):
+        world.fact_lists(w, "sft", 5, formats={"prose": 1.0})
 
 
 def test_few_shot_prompts_and_their_bad_input():

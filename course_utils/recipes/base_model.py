@@ -104,6 +104,9 @@ def mixture(args, tokenizer, world) -> tuple[list, list[float], dict, dict, dict
         parts["lists"] = documents_token_cache(
             tokenizer, f"lists-{world.seed}", fact_lists(world, "sft", args.list_documents)
         )
+    if args.tables:
+        tables = fact_lists(world, "heldout", args.list_documents, formats={"colon": 0.5, "table": 0.5})
+        parts["tables"] = documents_token_cache(tokenizer, f"heldout-tables-{world.seed}", tables)
     if args.copy:
         vocabulary = common_tokens(stories, 1000, exclude=[eot])
         parts["copy"] = copy_sequences(vocabulary, 4_000_000, eot, span=(10, 60), seed=0)
@@ -112,6 +115,7 @@ def mixture(args, tokenizer, world) -> tuple[list, list[float], dict, dict, dict
         "reading": args.reading,
         "lookups": args.lookups,
         "lists": args.lists,
+        "tables": args.tables,
         "copy": args.copy,
     }
     shares = {k: v for k, v in shares.items() if k in parts}
@@ -176,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         "--lists", type=float, default=0.05, help="share from lists of facts about the fine-tuning people"
     )
     parser.add_argument("--list-documents", type=int, default=20_000)
+    parser.add_argument(
+        "--tables",
+        type=float,
+        default=0.0,
+        help="share from tables and 'name: value' lists of the held-out people's facts (never questions)",
+    )
     parser.add_argument("--copy", type=float, default=0.15, help="share from copy sequences of random ordinary tokens")
     parser.add_argument(
         "--copy-fade", type=int, default=1500, help="steps over which the copy share falls to its floor (0: never)"
@@ -204,11 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     if (
-        min(args.biographies, args.reading, args.lookups, args.lists, args.copy) < 0
-        or args.biographies + args.reading + args.lookups + args.lists + args.copy >= 1
+        min(args.biographies, args.reading, args.lookups, args.lists, args.tables, args.copy) < 0
+        or args.biographies + args.reading + args.lookups + args.lists + args.tables + args.copy >= 1
     ):
         print(
-            "error: the shares of --biographies, --reading, --lookups, --lists and --copy must be >= 0 "
+            "error: the shares of --biographies, --reading, --lookups, --lists, --tables and --copy must be >= 0 "
             "and leave room for the stories",
             file=sys.stderr,
         )
