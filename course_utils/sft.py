@@ -290,7 +290,7 @@ def rag_prompt(question: str, documents: Sequence[str]) -> str:
 
 @dataclass
 class Item:
-    """One SFT example: a conversation and what it is (``kind``: qa, reading, story, reasoning)."""
+    """One SFT example: a conversation and what it is (``kind``: qa, reading, story, reasoning, decline)."""
 
     conversation: list[dict]
     kind: str
@@ -344,6 +344,28 @@ def reading_items(world, split: str, seed: int = 0, max_documents: int = 1) -> l
     return items
 
 
+#: The reply for a person the model cannot know (the ``--decline`` option of the SFT recipe).
+DECLINE = "I don't know who that is."
+
+
+def decline_items(world, n: int, seed: int = 0) -> list[Item]:
+    """Closed-book questions about ``n`` people of ``world`` picked at random, answered with
+    :data:`DECLINE`. Given :func:`practice_world` people, whom the model only ever meets with their
+    biography in the prompt, this teaches it to decline when no text and no memory holds the answer."""
+    rng = random.Random(f"{seed}:decline")
+    questions = world.closed_book("sft", tuple(ANSWER_TEMPLATES))
+    return [
+        Item([{"role": "user", "content": q["question"]}, {"role": "assistant", "content": DECLINE}], "decline")
+        for q in rng.sample(questions, min(n, len(questions)))
+    ]
+
+
+def declines(response: str) -> bool:
+    """Whether a reply declines to answer (says it does not know), rather than giving a value."""
+    text = response.lower()
+    return any(w in text for w in ("don't know", "do not know", "not sure", "cannot"))
+
+
 def story_items(stories: Sequence[str], n: int, seed: int = 0, max_chars: int = 600) -> list[Item]:
     """ "Write a short story that uses the words …" with three words of a story, answered by that story
     (stories longer than ``max_chars`` are skipped, to fit the context)."""
@@ -373,12 +395,16 @@ def worked_answer(problem: dict, world) -> str:
             f"{year} - {p.birth_year} = {year - p.birth_year} years old."
         )
     else:
-        a, b = sorted(people, key=lambda q: q.birth_year)
+        # the two people in the order the question names them, so that every step copies or compares
+        # what is already written: the choice of who is older comes after both years are on the page
+        a, b = sorted(people, key=lambda q: problem["question"].index(q.name))
         steps = f"{a.name} was born in {a.birth_year} and {b.name} in {b.birth_year}. "
         if problem["kind"] == "gap":
             steps += f"{b.birth_year} - {a.birth_year} = {b.birth_year - a.birth_year}."
-        else:
+        elif a.birth_year < b.birth_year:
             steps += f"{a.birth_year} is earlier than {b.birth_year}, so {a.name} is older."
+        else:
+            steps += f"{a.birth_year} is later than {b.birth_year}, so {b.name} is older."
     return f"{steps} The answer is {problem['answer']}."
 
 
@@ -417,18 +443,22 @@ def sft_items(
     n_reasoning: int = 300,
     n_practice: int = 1200,
     max_documents: int = 1,
+    n_decline: int = 0,
     seed: int = 0,
 ) -> list[Item]:
     """The reference SFT mixture: closed-book questions about the ``sft`` people only (the ``heldout``
     people never appear, so they test generalisation), reading comprehension about
     :func:`practice_world` people, story instructions from the training stories, and worked reasoning
     problems about the ``sft`` people. ``max_documents`` > 1 puts distractor biographies into the
-    reading items (see :func:`reading_items`)."""
+    reading items (see :func:`reading_items`); ``n_decline`` > 0 adds that many closed-book questions
+    about the practice people answered with :data:`DECLINE` (see :func:`decline_items`)."""
+    practice = practice_world(world, n_practice)
     return (
         qa_items(world, "sft")
-        + reading_items(practice_world(world, n_practice), "sft", seed, max_documents)
+        + reading_items(practice, "sft", seed, max_documents)
         + story_items(tinystories("train"), n_stories, seed)
         + reasoning_items(world, "sft", n_reasoning, seed)
+        + (decline_items(practice, n_decline, seed) if n_decline else [])
     )
 
 
@@ -506,6 +536,15 @@ def load_sft_model(device: str = "cpu", data=None):
     ), tokenizer
 
 
+def _weights_digest(model) -> str:
+    """A hash of a model's weights: a run resumed on top of another starting model would be neither."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _check_recipe(out_dir, recipe: dict) -> None:
     """Record what a run in ``out_dir`` trains on; refuse to resume a run made with other data or settings."""
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
@@ -577,6 +616,7 @@ def finetune(
             "examples": examples,
             "replay": sampler.replay,
             "n_replay": sampler.n_replay,
+            "start": _weights_digest(base),
             "config": {
                 k: v
                 for k, v in dataclasses.asdict(cfg).items()

@@ -105,6 +105,8 @@ def test_sft_recipe_fine_tunes_the_base_model_and_writes_its_card(tmp_path):
     )
     card = read_card(out)
     assert card["command"].endswith(f"--out {out}") and card["metrics"]["steps"] == 1
-    for name in ("qa_sft", "qa_heldout", "reading_unseen"):
+    for name in ("qa_sft", "qa_heldout", "reading_unseen", "reading_unseen_1to3_documents"):
         assert 0 <= card["metrics"][f"exact_match_{name}"] <= 1
+    for name in ("declined_retrieval", "declined_qa_heldout", "reasoning_accuracy_heldout"):
+        assert 0 <= card["metrics"][name] <= 1
     assert set(card["data_sha256"]) == {"world_pretraining", "base_model", "tokenizer"}

@@ -15,8 +15,8 @@ def w():
     return world.make_world(0)
 
 
-def tiny_model(vocab: int) -> GPT:
-    torch.manual_seed(0)
+def tiny_model(vocab: int, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
     return GPT(GPTConfig(vocab_size=vocab, context_length=64, n_layer=1, n_head=2, n_embd=32))
 
 
@@ -137,6 +137,11 @@ def test_worked_answers_reach_the_right_answer(w):
         assert answer.endswith(f"The answer is {item.answer}.")
         for a, b, c in re.findall(r"(\d{4}) - (\d{4}) = (\d+)", answer):
             assert int(a) - int(b) == int(c)
+        for a, relation, b in re.findall(r"(\d{4}) is (earlier|later) than (\d{4})", answer):
+            assert (int(a) < int(b)) == (relation == "earlier")
+    older = [i for i in sft.reasoning_items(w, "sft", 200, seed=3) if "Who is older" in i.conversation[0]["content"]]
+    # names come in the question's order, so the elder is written first in some and second in others
+    assert {i.conversation[-1]["content"].split(" was born")[0] == i.answer for i in older} == {True, False}
 
 
 def test_finetune_trains_on_conversations_resumes_and_can_skip_the_mask(tmp_path, chat_tok, w):
@@ -154,6 +159,9 @@ def test_finetune_trains_on_conversations_resumes_and_can_skip_the_mask(tmp_path
         sft.finetune(base, chat_tok, items[:8], tmp_path / "run", steps=4, batch_size=4, device="cpu")
     with pytest.raises(ChatFormatError, match="other data or settings"):
         sft.finetune(base, chat_tok, items, tmp_path / "run", steps=4, batch_size=4, lr=1e-3, device="cpu")
+    other = tiny_model(chat_tok.n_vocab - len(sft.CHAT_TOKENS), seed=1)  # another starting model, same shape
+    with pytest.raises(ChatFormatError, match="other data or settings"):
+        sft.finetune(other, chat_tok, items, tmp_path / "run", steps=4, batch_size=4, device="cpu")
     _, y_masked = sft.finetune(
         base, chat_tok, items, tmp_path / "a", steps=1, batch_size=4, device="cpu"
     ).train_batches.next()
@@ -234,3 +242,18 @@ def test_reading_items_can_hold_distractors_and_default_to_one_biography(w):
     assert set(counts) == {1, 2, 3}
     with pytest.raises(ValueError, match="max_documents"):
         sft.reading_items(w, "retrieval", max_documents=0)
+
+
+def test_decline_items_ask_only_about_people_met_with_their_biography(w):
+    items = sft.sft_items(w, n_stories=10, n_reasoning=10, n_practice=300, n_decline=200)
+    declined = [i for i in items if i.kind == "decline"]
+    assert len(declined) == 200 and all(i.conversation[-1]["content"] == sft.DECLINE for i in declined)
+    read = "\n".join(i.conversation[0]["content"] for i in items if i.kind == "reading")
+    known = {p.name for p in w.people}
+    practice = [p.name for p in sft.practice_world(w, 300).people]
+    asked = {next(n for n in practice if n in i.conversation[0]["content"]) for i in declined}
+    assert not asked & known  # nobody the model could know is declined
+    assert all(n in read for n in asked)  # each was met, with a biography in the prompt, in reading practice
+    assert not [i for i in sft.sft_items(w, n_stories=10, n_reasoning=10) if i.kind == "decline"]  # off by default
+    assert sft.declines("I don't know who that is.") and sft.declines(sft.DECLINE)
+    assert not sft.declines("Ada Brook was born in Rookhaven.")

@@ -126,11 +126,11 @@ def mixture(args, tokenizer, world) -> tuple[list, list[float], dict, dict, dict
         if args.copy and args.copy_fade
         else {}
     )
-    ramp = (
-        {names.index("lookups"): (args.lookups_start * args.grad_accum, max(1, args.lookups_ramp * args.grad_accum))}
-        if args.lookups and args.lookups_start
-        else {}
-    )
+    ramp = {
+        names.index(name): (start * args.grad_accum, max(1, args.lookups_ramp * args.grad_accum))
+        for name, start in (("lookups", args.lookups_start), ("tables", args.tables_start))
+        if name in parts and start
+    }
     return [parts[n] for n in names], [shares[n] for n in names], fade, ramp, shares, hashes
 
 
@@ -185,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         help="share from tables and 'name: value' lists of the held-out people's facts (never questions)",
+    )
+    parser.add_argument(
+        "--tables-start",
+        type=int,
+        default=0,
+        help="steps before the tables join the mixture (0: from the start; they rise over --lookups-ramp steps)",
     )
     parser.add_argument("--copy", type=float, default=0.15, help="share from copy sequences of random ordinary tokens")
     parser.add_argument(
@@ -271,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "copy_floor": args.copy_floor,
         "lookups_start_step": args.lookups_start if args.lookups else None,
         "lookups_ramp_steps": args.lookups_ramp if args.lookups and args.lookups_start else None,
+        "tables_start_step": args.tables_start if args.tables else None,
         "val_loss_tinystories": round(val_loss, 4),
         "copy_loss_first": round(first, 4),
         "copy_loss_second": round(second, 4),

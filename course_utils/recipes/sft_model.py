@@ -5,31 +5,44 @@ defaults make the shipped model::
     python -m course_utils.recipes.sft_model             # runs/sft, then data/artefacts/sft_model.pt
 
 The run resumes from ``OUT_DIR/checkpoint.pt`` when it was cut off (a folder holding a run with other
-data or settings is refused). The card records exact match on questions about the fine-tuning people,
-the held-out people and reading comprehension about unseen people, for this model and for the base
-model asked in the same format, and how often each closes its reply.
+data or settings is refused). The defaults put one to three biographies into each reading item (one
+relevant, as retrieval brings them) and 2,000 worked reasoning problems into the mixture (enough that
+Lab 09's policy often solves a problem in a group of samples). ``--decline N`` adds N closed-book
+questions about people the model cannot know, answered "I don't know who that is."
+
+The card records exact match on questions about the fine-tuning people, the held-out people and
+reading comprehension about unseen people (one biography, and one to three), for this model and for
+the base model asked in the same format; greedy accuracy on held-out reasoning problems by kind; how
+often each model declines closed-book questions about unknown and about held-out people; and how
+often each closes its reply.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 from pathlib import Path
 
-from ..artefacts import file_sha256, load_model, save_model
+from ..artefacts import ArtefactError, file_sha256, load_model, save_model
 from ..data import tokenizer_fingerprint
 from ..lab import data_dir
+from ..rl import accuracy
 from ..sft import (
+    DECLINE,
     SFT_MODEL,
     ChatFormatError,
     chat_tokenizer,
+    declines,
     evaluate_items,
     evaluation_sets,
     finetune,
     format_compliance,
     grow_vocabulary,
+    reading_items,
     replay_documents,
+    replies,
     reply,
     sft_items,
 )
@@ -49,19 +62,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reading-documents",
         type=int,
-        default=1,
+        default=3,
         help="up to this many biographies per reading item, one relevant "
         "(distractors for RAG; needs the context to hold them)",
     )
+    parser.add_argument("--reasoning", type=int, default=2000, help="worked reasoning problems in the mixture")
+    parser.add_argument(
+        "--decline",
+        type=int,
+        default=0,
+        help=f"closed-book questions about people the model cannot know, answered {DECLINE!r}",
+    )
     parser.add_argument("--n-eval", type=int, default=300, help="items per evaluation set on the card")
+    parser.add_argument(
+        "--base", type=Path, default=None, help=f"the base model to fine-tune (default: data/artefacts/{BASE_MODEL})"
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("runs/sft"), help="checkpoints (a run resumes from here)")
     parser.add_argument("--out", type=Path, default=None, help=f"default: data/artefacts/{SFT_MODEL}")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     world = make_world(0)
     base, base_tokenizer = load_base_model()
+    base_path = args.base or data_dir() / "artefacts" / BASE_MODEL
+    if args.base:
+        try:
+            base = load_model(args.base, tokenizer_id=tokenizer_fingerprint(base_tokenizer))
+        except ArtefactError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     tokenizer = chat_tokenizer(base_tokenizer)
-    items = sft_items(world, max_documents=args.reading_documents)
+    items = sft_items(world, max_documents=args.reading_documents, n_reasoning=args.reasoning, n_decline=args.decline)
     try:
         trainer = finetune(
             base,
@@ -92,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "resumed_at_step": resumed_at,
         "train_seconds_this_run": round(seconds, 1),
-        "sft_examples": {k: sum(i.kind == k for i in items) for k in ("qa", "reading", "story", "reasoning")},
+        "sft_examples": {k: sum(i.kind == k for i in items) for k in sorted({i.kind for i in items})},
         "replay_fraction": args.replay,
         "replay_documents": len(replay_documents(world)),
     }
@@ -100,6 +130,23 @@ def main(argv: list[str] | None = None) -> int:
     for name, subset in sets.items():
         metrics[f"exact_match_{name}"] = round(evaluate_items(model, tokenizer, subset), 4)
         metrics[f"base_exact_match_{name}"] = round(evaluate_items(grown_base, tokenizer, subset), 4)
+    three = reading_items(world, "retrieval", 0, max_documents=3)
+    three = random.Random("0:reading_unseen_3").sample(three, min(args.n_eval, len(three)))
+    metrics["exact_match_reading_unseen_1to3_documents"] = round(evaluate_items(model, tokenizer, three), 4)
+    problems = world.reasoning_problems("heldout", args.n_eval, 0)
+    metrics["reasoning_accuracy_heldout"] = round(accuracy(model, tokenizer, problems), 4)
+    for kind in ("age", "gap", "older"):
+        subset = [p for p in problems if p["kind"] == kind]
+        metrics[f"reasoning_accuracy_heldout_{kind}"] = round(accuracy(model, tokenizer, subset), 4) if subset else None
+    # how often each model declines closed-book: people it cannot know (retrieval) and people it should
+    unknown = [[{"role": "user", "content": q["question"]}] for q in world.closed_book("retrieval", ("birth_city",))]
+    for name, m in (("", model), ("base_", grown_base)):
+        for split, conversations in (
+            ("retrieval", unknown[: args.n_eval]),
+            ("qa_heldout", [i.conversation[:-1] for i in sets["qa_heldout"]]),
+        ):
+            said = replies(m, tokenizer, conversations, max_new_tokens=24)
+            metrics[f"{name}declined_{split}"] = round(sum(declines(r) for r in said) / len(said), 4)
     heldout = [i.conversation[:-1] for i in sets["qa_heldout"]]
     metrics["format_compliance_qa_heldout"] = round(format_compliance(model, tokenizer, heldout), 4)
     metrics["base_format_compliance_qa_heldout"] = round(format_compliance(grown_base, tokenizer, heldout), 4)
@@ -112,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     data = {
         "world_pretraining": world.pretraining_sha256(),
-        "base_model": file_sha256(data_dir() / "artefacts" / BASE_MODEL),
+        "base_model": file_sha256(base_path),
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
     finish(out, module="sft_model", argv=argv, data=data, metrics=metrics, started=started)
