@@ -395,16 +395,16 @@ def worked_answer(problem: dict, world) -> str:
             f"{year} - {p.birth_year} = {year - p.birth_year} years old."
         )
     else:
-        # the two people in the order the question names them, so that every step copies or compares
-        # what is already written: the choice of who is older comes after both years are on the page
+        # the two people in the order the question names them, so that each step copies or compares
+        # what is already written: who is older is decided only once both years are on the page, right
+        # after them (re-copying the years into a comparison is where a small model slips)
         a, b = sorted(people, key=lambda q: problem["question"].index(q.name))
-        steps = f"{a.name} was born in {a.birth_year} and {b.name} in {b.birth_year}. "
+        steps = f"{a.name} was born in {a.birth_year} and {b.name} in {b.birth_year}"
         if problem["kind"] == "gap":
-            steps += f"{b.birth_year} - {a.birth_year} = {b.birth_year - a.birth_year}."
-        elif a.birth_year < b.birth_year:
-            steps += f"{a.birth_year} is earlier than {b.birth_year}, so {a.name} is older."
+            steps += f". {b.birth_year} - {a.birth_year} = {b.birth_year - a.birth_year}."
         else:
-            steps += f"{a.birth_year} is later than {b.birth_year}, so {b.name} is older."
+            elder = a if a.birth_year < b.birth_year else b
+            steps += f", so {elder.name} is older."
     return f"{steps} The answer is {problem['answer']}."
 
 

@@ -33,6 +33,7 @@ LEVELS = {
     "icl": 7,
     "retrieval": 8,
     "rl": 9,
+    "preference": 9,
     "release": 90,
     "grade": 90,
     "sandbox": 90,

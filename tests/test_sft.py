@@ -137,8 +137,6 @@ def test_worked_answers_reach_the_right_answer(w):
         assert answer.endswith(f"The answer is {item.answer}.")
         for a, b, c in re.findall(r"(\d{4}) - (\d{4}) = (\d+)", answer):
             assert int(a) - int(b) == int(c)
-        for a, relation, b in re.findall(r"(\d{4}) is (earlier|later) than (\d{4})", answer):
-            assert (int(a) < int(b)) == (relation == "earlier")
     older = [i for i in sft.reasoning_items(w, "sft", 200, seed=3) if "Who is older" in i.conversation[0]["content"]]
     # names come in the question's order, so the elder is written first in some and second in others
     assert {i.conversation[-1]["content"].split(" was born")[0] == i.answer for i in older} == {True, False}
