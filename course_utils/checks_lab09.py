@@ -7,6 +7,7 @@ import math
 import torch
 
 from .checks import call, exercise, expect, gradient
+from .preference import bradley_terry_loss, dpo_loss
 from .rl import group_advantages, grpo_loss, reasoning_reward
 
 LAB = "09"
@@ -132,3 +133,73 @@ def _check_grpo_loss(fn) -> None:
             )
         grad = gradient(got, logp, case)
         expect(torch.all(grad[~mask] == 0), f"on {case}: tokens outside the mask must get zero gradient")
+
+
+def _pair_cases(g: torch.Generator) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    wide = 3 * torch.randn(2, 8, generator=g)
+    return [
+        ("three pairs with small margins", torch.randn(3, generator=g), torch.randn(3, generator=g)),
+        ("a batch of eight, some pairs the wrong way round", wide[0], wide[1]),
+        (
+            "pairs whose rejected reply scores 200 above the chosen",
+            torch.tensor([-100.0, 0.0]),
+            torch.tensor([100.0, 200.0]),
+        ),
+    ]
+
+
+@exercise(LAB, "bradley_terry_loss", "the Bradley-Terry loss of a reward model")
+def _check_bradley_terry_loss(fn) -> None:
+    g = torch.Generator().manual_seed(0)
+    for case, chosen, rejected in _pair_cases(g):
+        chosen = chosen.clone().requires_grad_(True)
+        got = call(fn, chosen, rejected.clone(), case=case)
+        expected = bradley_terry_loss(chosen, rejected)
+        expect(torch.is_tensor(got) and got.dim() == 0, f"on {case}: return a scalar tensor, got {got!r}")
+        expect(
+            bool(torch.isfinite(got)),
+            f"on {case}: got {got.item()}; log(sigmoid(x)) underflows to log(0) for a large negative margin: "
+            "use F.logsigmoid, which is exact there",
+        )
+        if not math.isclose(got.item(), expected.item(), rel_tol=1e-4, abs_tol=1e-6):
+            flipped = bradley_terry_loss(rejected, chosen).item()
+            summed = len(chosen) * expected.item()
+            hint = (
+                "the margin has the wrong sign: the loss is -log σ(r_chosen - r_rejected), so a chosen reply that "
+                "scores higher gives a smaller loss"
+                if math.isclose(got.item(), flipped, rel_tol=1e-4, abs_tol=1e-6)
+                else "you summed over the pairs: take the mean"
+                if math.isclose(got.item(), summed, rel_tol=1e-4, abs_tol=1e-6)
+                else "the loss is the mean over pairs of -log σ(r_chosen - r_rejected)"
+            )
+            expect(False, f"on {case}: expected {expected.item():.6f}, got {got.item():.6f}. {hint}")
+        gradient(got, chosen, case)
+
+
+@exercise(LAB, "dpo_loss", "the DPO loss")
+def _check_dpo_loss(fn) -> None:
+    g = torch.Generator().manual_seed(1)
+    for case, beta in (("beta = 0.1", 0.1), ("beta = 0.5", 0.5)):
+        policy_c, policy_r = -5 + torch.randn(6, generator=g), -5 + torch.randn(6, generator=g)
+        reference_c, reference_r = policy_c + torch.randn(6, generator=g), policy_r + torch.randn(6, generator=g)
+        policy_c.requires_grad_(True)
+        got = call(fn, policy_c, policy_r.clone(), reference_c.clone(), reference_r.clone(), beta, case=case)
+        expected = dpo_loss(policy_c, policy_r, reference_c, reference_r, beta)
+        expect(torch.is_tensor(got) and got.dim() == 0, f"on {case}: return a scalar tensor, got {got!r}")
+        if not math.isclose(got.item(), expected.item(), rel_tol=1e-4, abs_tol=1e-6):
+            no_reference = bradley_terry_loss(beta * policy_c, beta * policy_r).item()
+            beta_outside = beta * dpo_loss(policy_c, policy_r, reference_c, reference_r, 1.0).item()
+            flipped = dpo_loss(policy_r, policy_c, reference_r, reference_c, beta).item()
+            hints = {
+                no_reference: "the reference model is missing: the implicit reward of a reply is "
+                "β (log π(y) - log π_ref(y)), a log-ratio, not the policy's log-probability alone",
+                beta_outside: "β multiplies the margin inside the sigmoid, not the loss outside it",
+                flipped: "the margin has the wrong sign: chosen minus rejected",
+            }
+            hint = next(
+                (h for v, h in hints.items() if math.isclose(got.item(), v, rel_tol=1e-4, abs_tol=1e-6)),
+                "the loss is the mean of -log σ(β [(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))])",
+            )
+            expect(False, f"on {case}: expected {expected.item():.6f}, got {got.item():.6f}. {hint}")
+        grad = gradient(got, policy_c, case)
+        expect(bool((grad <= 0).all()), f"on {case}: raising a chosen reply's log-probability must lower the loss")

@@ -385,9 +385,39 @@ def _grpo_loss_variant(*, token_level=False, beta_sign=1.0, clip_on=True):
     return loss
 
 
+def _bt_flipped(chosen, rejected):
+    return -torch.nn.functional.logsigmoid(rejected - chosen).mean()
+
+
+def _bt_naive_log(chosen, rejected):
+    return -torch.log(torch.sigmoid(chosen - rejected)).mean()
+
+
+def _bt_summed(chosen, rejected):
+    return -torch.nn.functional.logsigmoid(chosen - rejected).sum()
+
+
+def _dpo_no_reference(pc, pr, rc, rr, beta=0.1):
+    return -torch.nn.functional.logsigmoid(beta * (pc - pr)).mean()
+
+
+def _dpo_beta_outside(pc, pr, rc, rr, beta=0.1):
+    return -beta * torch.nn.functional.logsigmoid((pc - rc) - (pr - rr)).mean()
+
+
+def _dpo_flipped(pc, pr, rc, rr, beta=0.1):
+    return -torch.nn.functional.logsigmoid(beta * ((pr - rr) - (pc - rc))).mean()
+
+
 @pytest.mark.parametrize(
     "exercise, fn, words",
     [
+        ("bradley_terry_loss", _bt_flipped, "wrong sign"),
+        ("bradley_terry_loss", _bt_naive_log, "F.logsigmoid"),
+        ("bradley_terry_loss", _bt_summed, "take the mean"),
+        ("dpo_loss", _dpo_no_reference, "reference model is missing"),
+        ("dpo_loss", _dpo_beta_outside, "inside the sigmoid"),
+        ("dpo_loss", _dpo_flipped, "wrong sign"),
         ("reasoning_reward", _reward_substring, "does not end that way earns 0"),
         ("reasoning_reward", _reward_without_format, "plus 0.1 for that format"),
         ("group_advantages", _advantages_unscaled, "not divided by the group's standard deviation"),
@@ -410,6 +440,8 @@ def test_lab09_mistakes_get_an_actionable_verdict(exercise, fn, words):
         ("group_advantages", lambda r: __import__("course_utils.rl").rl.group_advantages(r)),
         ("grpo_loss", _grpo_loss_variant()),
         ("reasoning_reward", lambda r, a: __import__("course_utils.rl").rl.reasoning_reward(r, a)),
+        ("bradley_terry_loss", lambda c, r: __import__("course_utils.preference").preference.bradley_terry_loss(c, r)),
+        ("dpo_loss", lambda *a: __import__("course_utils.preference").preference.dpo_loss(*a)),
     ],
 )
 def test_lab09_right_answers_pass(exercise, fn):
