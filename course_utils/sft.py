@@ -349,7 +349,7 @@ DECLINE = "I don't know who that is."
 
 
 def decline_items(world, n: int, seed: int = 0) -> list[Item]:
-    """Closed-book questions about ``n`` people of ``world`` picked at random, answered with
+    """``n`` closed-book questions about the people of ``world``, picked at random, answered with
     :data:`DECLINE`. Given :func:`practice_world` people, whom the model only ever meets with their
     biography in the prompt, this teaches it to decline when no text and no memory holds the answer."""
     rng = random.Random(f"{seed}:decline")
