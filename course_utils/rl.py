@@ -61,6 +61,43 @@ def reasoning_reward(response: str, answer: str, *, format_bonus: float = 0.1) -
     return float(normalise_answer(final) == normalise_answer(answer)) + format_bonus
 
 
+#: "Name Surname was born on Month D, YYYY" in a prompt; "Name Surname (was born) in YYYY" and
+#: "a - b = c" in a worked reply.
+_PROMPT_BIRTH = re.compile(r"([A-Z][a-z]+ [A-Z][a-z]+) was born on [A-Z][a-z]+ \d{1,2}, (\d{4})")
+_STATED_BIRTH = re.compile(r"([A-Z][a-z]+ [A-Z][a-z]+)(?: was born)? in (\d{4})")
+_EQUATION = re.compile(r"(\d+) - (\d+) = (-?\d+)")
+
+
+def steps_hold(response: str, prompt: str) -> bool:
+    """Whether every step of a worked reply that can be checked against ``prompt`` is right: each
+    "Name (was born) in YYYY" names someone the prompt gives a birth date for, with that year, and each
+    "a - b = c" is true and subtracts numbers that are in the prompt. A reply with no such step holds."""
+    born = dict(_PROMPT_BIRTH.findall(prompt))
+    numbers = set(re.findall(r"\d+", prompt))
+    for name, year in _STATED_BIRTH.findall(response):
+        if born.get(name) != year:
+            return False
+    for a, b, c in _EQUATION.findall(response):
+        if a not in numbers or b not in numbers or int(a) - int(b) != int(c):
+            return False
+    return True
+
+
+def answer_reward(response: str, problem: dict) -> float:
+    """:func:`reasoning_reward` on ``problem["answer"]``: the outcome alone, as GRPO uses by default."""
+    return reasoning_reward(response, problem["answer"])
+
+
+def checked_reward(response: str, problem: dict, *, format_bonus: float = 0.1) -> float:
+    """The outcome reward, but a right answer reached through a wrong step (a year miscopied from the
+    prompt, a false subtraction; :func:`steps_hold`) earns only the format bonus: a lucky guess on a
+    two-way question is not reinforced as if the reasoning had been sound."""
+    reward = reasoning_reward(response, problem["answer"], format_bonus=format_bonus)
+    if reward >= 1 and not steps_hold(response, problem_conversation(problem)[0]["content"]):
+        return format_bonus
+    return reward
+
+
 # ---------------------------------------------------------------------------------------------
 # A one-step toy: the closed-form optimum, and policy gradient that finds it
 # ---------------------------------------------------------------------------------------------
@@ -223,9 +260,9 @@ def rollout(
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     generator=None,
-    reward_fn: Callable[[str, str], float] = reasoning_reward,
+    reward_fn: Callable[[str, dict], float] = answer_reward,
 ) -> Rollouts:
-    """Sample ``group_size`` replies to every problem and score them with ``reward_fn``."""
+    """Sample ``group_size`` replies to every problem and score each with ``reward_fn(reply, problem)``."""
     samples = sample_replies(
         model,
         tokenizer,
@@ -237,10 +274,9 @@ def rollout(
     )
     device = next(model.parameters()).device
     ids, mask = _batch(samples, tokenizer.special_tokens[ENDOFTEXT], device)
-    answers = [p["answer"] for p in problems for _ in range(group_size)]
     texts = [r.text for r in samples]
     rewards = torch.tensor(
-        [reward_fn(t, a) for t, a in zip(texts, answers, strict=True)], dtype=torch.float32, device=device
+        [reward_fn(text, problems[i // group_size]) for i, text in enumerate(texts)], dtype=torch.float32, device=device
     )
     return Rollouts(ids, mask, texts, rewards, mask.sum(1))
 
@@ -339,7 +375,7 @@ def grpo(
     checkpoint_every: int = 25,
     progress: bool = True,
     on_eval: Callable[[list[dict]], None] | None = None,
-    reward_fn: Callable[[str, str], float] = reasoning_reward,
+    reward_fn: Callable[[str, dict], float] = answer_reward,
 ) -> tuple[torch.nn.Module, list[dict]]:
     """Train a copy of ``policy`` with GRPO on ``train_problems``; the reference is ``policy`` itself,
     frozen. Every step samples ``group_size`` replies to ``prompts_per_step`` problems and logs mean

@@ -31,6 +31,36 @@ def test_problem_prompts_match_the_worked_answers_the_sft_model_saw():
     assert rl.reasoning_reward(item.conversation[1]["content"], problem["answer"]) == pytest.approx(1.1)
 
 
+def test_checked_reward_refuses_a_right_answer_reached_through_a_wrong_step():
+    w = world.make_world(0)
+    problems = w.reasoning_problems("heldout", 30, seed=0)
+    for problem in problems:  # every worked answer the SFT model is taught passes its own check
+        assert rl.checked_reward(sft.worked_answer(problem, w), problem) == pytest.approx(1.1)
+    older = next(p for p in problems if p["kind"] == "older")
+    a, b = (w.person(n) for n in older["names"])  # a is the elder
+    end = f", so {a.name} is older. The answer is {a.name}."
+    right = f"{a.name} was born in {a.birth_year} and {b.name} in {b.birth_year}" + end
+    miscopied = right.replace(str(b.birth_year), str(b.birth_year + 1), 1)
+    swapped = f"{a.name} was born in {b.birth_year} and {b.name} in {a.birth_year}" + end
+    wrong_name = f"{a.name} was born in {a.birth_year} and Zed Quorn in {b.birth_year}. The answer is {a.name}."
+    assert rl.answer_reward(miscopied, older) == pytest.approx(1.1)  # the outcome alone cannot tell
+    assert rl.checked_reward(right, older) == pytest.approx(1.1)
+    for reply in (miscopied, swapped, wrong_name):
+        assert rl.checked_reward(reply, older) == pytest.approx(0.1), reply
+    age = next(p for p in problems if p["kind"] == "age")
+    (person,) = (w.person(n) for n in age["names"])
+    year = int(age["answer"]) + person.birth_year
+    good = f"{person.name} was born in {person.birth_year}. {year} - {person.birth_year} = {age['answer']}."
+    good += f" The answer is {age['answer']}."
+    false_sum = good.replace(f"= {age['answer']}.", f"= {int(age['answer']) + 1}.")
+    made_up = good.replace(f"{year} - {person.birth_year}", f"{year + 1} - {person.birth_year + 1}")
+    assert rl.checked_reward(good, age) == pytest.approx(1.1)
+    assert rl.checked_reward(false_sum, age) == pytest.approx(0.1)  # the step is false, the answer right
+    assert rl.checked_reward(made_up, age) == pytest.approx(0.1)  # true arithmetic on numbers not in the prompt
+    assert rl.checked_reward("The answer is 7.", age) == pytest.approx(0.1)  # wrong, well formed
+    assert rl.steps_hold("No steps at all.", "Ann Lee was born on May 1, 1950.")
+
+
 # -- the toy problem ---------------------------------------------------------------------------
 
 PRIOR = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
@@ -184,7 +214,7 @@ def test_grpo_raises_reward_and_leaves_the_reference_untouched(chat_tok):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # a reward the tiny model can learn quickly: the more of its reply is the letter "e", the better
 
-    def likes_e(text, answer):
+    def likes_e(text, problem):
         return text.count("e") / max(1, len(text))
 
     cfg = rl.GRPOConfig(
@@ -202,7 +232,9 @@ def test_grpo_raises_reward_and_leaves_the_reference_untouched(chat_tok):
 def test_equal_rewards_and_no_kl_leave_the_policy_unchanged(chat_tok):
     model = tiny_model(chat_tok.n_vocab)
     cfg = rl.GRPOConfig(steps=2, prompts_per_step=2, group_size=4, lr=1e-2, beta=0.0, max_new_tokens=4, eval_every=0)
-    trained, history = rl.grpo(model, chat_tok, PROBLEMS, PROBLEMS, cfg, progress=False, reward_fn=lambda t, a: 1.0)
+    trained, history = rl.grpo(
+        model, chat_tok, PROBLEMS, PROBLEMS, cfg, progress=False, reward_fn=lambda text, problem: 1.0
+    )
     assert all(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values(), strict=True)
     )
