@@ -253,6 +253,19 @@ def _lab09(p: dict, models: dict) -> list[Phase]:
         train("GRPO updates", cfg, steps * rows * 5 // 3, length, batch=rows),
         generate("held-out evaluations", cfg, evals * n, 72, new, 64),
         generate("pass@k samples", cfg, 2 * n * p["passk_samples"], 72, new, 64),
+        # two DPO runs of 16 pairs a step: the policy's forward and backward on both replies of each pair
+        train("DPO updates", cfg, 2 * p["dpo_steps"] * 16 * 2, 40, batch=16),
+        # the frozen reference on both replies every step, held-out preference accuracy, the reward model's features
+        forward(
+            "DPO reference and evaluations",
+            cfg,
+            2 * p["dpo_steps"] * 16 * 2
+            + 2 * (p["dpo_steps"] // p["dpo_eval_every"] + 2) * 2 * p["n_eval_pairs"]
+            + 2 * (p["n_pairs"] + p["n_eval_pairs"]),
+            40,
+            64,
+        ),
+        generate("answers before and after DPO", cfg, 3 * p["n_answers"], 20, 24, 64),
     ]
 
 

@@ -52,10 +52,10 @@ def preference_pairs(world: World, split: str, n: int, seed: int = 0, verbose: b
             kind, rejected = "verbose", ANSWER_TEMPLATES[attribute].format(name=person.name, value=fact)
         else:
             others = sorted({p.fact(attribute) for p in world.people} - {fact})
-            kind, rejected = "wrong", rng.choice(others) + "."
+            kind, rejected = "wrong", f"{person.name}: {rng.choice(others)}"
         pairs.append(
-            dict(conversation=[{"role": "user", "content": question}], chosen=fact + ".", rejected=rejected, kind=kind,
-                 name=person.name)
+            dict(conversation=[{"role": "user", "content": question}], chosen=f"{person.name}: {fact}",
+                 rejected=rejected, kind=kind, name=person.name)
         )  # fmt: skip
     rng.shuffle(pairs)
     return pairs
@@ -70,6 +70,11 @@ def _rows(tokenizer, pairs: Sequence[dict], which: str) -> tuple[list[list[int]]
         rows.append(prompt + tokenizer.encode_ordinary(pair[which]) + [end])
         starts.append(len(prompt))
     return rows, starts
+
+
+def reply_lengths(tokenizer, pairs: Sequence[dict], which: str) -> torch.Tensor:
+    """Tokens in each pair's ``which`` reply, its ``<|end|>`` included: shape (N,), floats."""
+    return torch.tensor([len(tokenizer.encode_ordinary(p[which])) + 1 for p in pairs], dtype=torch.float32)
 
 
 def reply_logprobs(model, tokenizer, pairs: Sequence[dict], which: str) -> torch.Tensor:
@@ -169,12 +174,17 @@ def dpo(
     eval_pairs: Sequence[dict] = (),
     eval_every: int = 0,
     loss_fn=dpo_loss,
+    nll_weight: float = 0.0,
     progress: bool = True,
 ):
     """Fine-tune a copy of ``policy`` on ``pairs`` with the DPO loss against the frozen ``policy``.
     Returns the trained copy and a history: the loss, the batch's preference accuracy and implicit
     reward margin every step, and the preference accuracy on ``eval_pairs`` every ``eval_every``
-    steps (and at the end)."""
+    steps (and at the end).
+
+    DPO only asks the chosen reply to gain on the rejected one, and both may lose probability while
+    the policy drifts to replies in neither (likelihood displacement). ``nll_weight`` α adds α times
+    the chosen replies' negative log-likelihood per token, which holds them up (RPO, Pang et al. 2024)."""
     if steps < 1 or batch_size < 1 or batch_size > len(pairs):
         raise PreferenceError(
             f"steps={steps}, batch_size={batch_size}: need steps >= 1 and 1 <= batch_size <= {len(pairs)} pairs"
@@ -183,6 +193,8 @@ def dpo(
     for p in reference.parameters():
         p.requires_grad_(False)
     model = copy.deepcopy(policy).train()
+    for p in model.parameters():  # the policy given may be frozen (another loop's reference)
+        p.requires_grad_(True)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     order: list[int] = []
@@ -199,6 +211,8 @@ def dpo(
         pol_c = reply_logprobs(model, tokenizer, batch, "chosen")
         pol_r = reply_logprobs(model, tokenizer, batch, "rejected")
         loss = loss_fn(pol_c, pol_r, ref_c, ref_r, beta)
+        if nll_weight:
+            loss = loss - nll_weight * (pol_c / reply_lengths(tokenizer, batch, "chosen").to(pol_c.device)).mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -212,17 +226,20 @@ def dpo(
     return model.eval(), history
 
 
-def reading_pairs(people, n: int, seed: int = 0, documents: int = 2) -> list[dict]:
+def reading_pairs(people, n: int, seed: int = 0, documents: int = 2, concise: bool = False) -> list[dict]:
     """``n`` pairs whose prompt holds ``documents`` biographies (one about the person asked, the rest
-    about others) and a question; the chosen reply states the asked person's fact, the rejected one
-    gives the fact of a person in another document, in the same words."""
+    about others) and a question. By default the chosen reply states the asked person's fact and the
+    rejected one gives the fact of a person in another document, in the same words (``kind``
+    "N documents"). With ``concise`` the chosen reply is the fact alone, and the rejected one is
+    either the same fact in a whole sentence ("verbose") or the other person's fact alone ("wrong"),
+    half each: the preference for short, right answers, on facts the model can read."""
     if documents < 2 or len(people) < documents:
         raise PreferenceError(
             f"documents={documents}: need at least 2, and no more than the {len(people)} people given"
         )
     rng = random.Random(f"reading-pairs:{seed}")
     pairs = []
-    for _ in range(n):
+    while len(pairs) < n:
         group = rng.sample(people, documents)
         person, attribute = group[0], rng.choice(ASKED)
         others = [p for p in group[1:] if p.fact(attribute) != person.fact(attribute)]
@@ -232,10 +249,19 @@ def reading_pairs(people, n: int, seed: int = 0, documents: int = 2) -> list[dic
         rng.shuffle(docs)
         question = rng.choice(QUESTION_TEMPLATES[attribute]).format(name=person.name)
         template = ANSWER_TEMPLATES[attribute]
+        right, wrong = person.fact(attribute), rng.choice(others).fact(attribute)
+        if not concise:
+            kind = f"{documents} documents"
+            chosen, rejected = (
+                template.format(name=person.name, value=right),
+                template.format(name=person.name, value=wrong),
+            )
+        elif len(pairs) % 2 == 0:
+            kind, chosen, rejected = "verbose", right + ".", template.format(name=person.name, value=right)
+        else:
+            kind, chosen, rejected = "wrong", right + ".", wrong + "."
         pairs.append(
-            dict(conversation=[{"role": "user", "content": rag_prompt(question, docs)}],
-                 chosen=template.format(name=person.name, value=person.fact(attribute)),
-                 rejected=template.format(name=person.name, value=rng.choice(others).fact(attribute)),
-                 kind=f"{documents} documents", name=person.name)
+            dict(conversation=[{"role": "user", "content": rag_prompt(question, docs)}], chosen=chosen,
+                 rejected=rejected, kind=kind, name=person.name)
         )  # fmt: skip
     return pairs

@@ -31,7 +31,13 @@ def test_pairs_are_about_their_split_and_differ(w):
     assert len(pairs) == 40 and all(p["name"] in heldout for p in pairs)
     assert {p["kind"] for p in pairs} == {"verbose", "wrong"}
     assert all(p["chosen"] != p["rejected"] for p in pairs)
-    assert all(p["name"] in p["rejected"] for p in pairs if p["kind"] == "verbose")
+    for p in pairs:  # the chosen reply is the name and the fact; the sentence states the same fact
+        person = w.person(p["name"])
+        assert p["chosen"].startswith(p["name"] + ": ") and p["chosen"].split(": ", 1)[1] in person.__dict__.values()
+        if p["kind"] == "verbose":
+            assert p["rejected"].startswith(p["name"]) and p["rejected"].endswith(p["chosen"].split(": ", 1)[1] + ".")
+        else:
+            assert p["rejected"].startswith(p["name"] + ": ")
     assert {p["kind"] for p in preference.preference_pairs(w, "heldout", 10, verbose=False)} == {"wrong"}
     with pytest.raises(preference.PreferenceError, match="between 2 and"):
         preference.preference_pairs(w, "heldout", 1)
@@ -44,6 +50,12 @@ def test_reading_pairs_hold_one_document_about_the_person_asked(w):
         text = p["conversation"][0]["content"]
         assert text.count(p["name"]) >= 2  # in its biography and in the question
         assert p["chosen"] != p["rejected"] and p["chosen"].startswith(p["name"])
+    concise = preference.reading_pairs(people, 20, documents=2, concise=True)
+    assert len(concise) == 20 and {p["kind"] for p in concise} == {"verbose", "wrong"}
+    for p in concise:
+        fact = p["chosen"].rstrip(".")
+        assert fact in p["conversation"][0]["content"]  # the right fact is in a document of the prompt
+        assert (fact in p["rejected"]) == (p["kind"] == "verbose")
     with pytest.raises(preference.PreferenceError, match="documents"):
         preference.reading_pairs(people, 5, documents=1)
 
@@ -91,6 +103,24 @@ def test_dpo_moves_the_policy_towards_the_chosen_replies(tok, w):
     assert preference.preference_accuracy(model, tok, pairs)["margin"] == pytest.approx(before["margin"])
     with pytest.raises(preference.PreferenceError, match="batch_size"):
         preference.dpo(model, tok, pairs, steps=1, batch_size=64, progress=False)
+
+
+def test_the_likelihood_term_holds_the_chosen_replies_up_and_a_frozen_policy_still_trains(tok, w):
+    model = tiny(tok)
+    for p in model.parameters():  # as another loop's frozen reference would leave it
+        p.requires_grad_(False)
+    pairs = preference.preference_pairs(w, "sft", 32, seed=0)
+    chosen_before = preference.reply_logprobs(model, tok, pairs, "chosen").mean().item()
+    runs = {
+        alpha: preference.dpo(model, tok, pairs, steps=20, batch_size=16, lr=3e-3, beta=0.5, nll_weight=alpha,
+                              progress=False)[0]
+        for alpha in (0.0, 1.0)
+    }  # fmt: skip
+    chosen = {alpha: preference.reply_logprobs(m, tok, pairs, "chosen").mean().item() for alpha, m in runs.items()}
+    assert chosen[0.0] != pytest.approx(chosen_before)  # it trained although every parameter was frozen
+    assert chosen[1.0] > chosen[0.0] + 1.0 and chosen[1.0] > chosen_before
+    lengths = preference.reply_lengths(tok, pairs[:2], "chosen")
+    assert lengths.tolist() == [len(tok.encode_ordinary(p["chosen"])) + 1 for p in pairs[:2]]
 
 
 def test_a_reward_head_on_frozen_features_learns_a_separable_preference():
