@@ -2,10 +2,12 @@
 reward model, and direct preference optimisation (DPO).
 
 The preference taught here is for short, right answers. Asked about a person of the world, the
-preferred reply is the fact alone ("Tollmere."); the other is either the same fact in a whole
-sentence, the way the fine-tuned model answers ("Hivor Seinwell was born in Tollmere."), or a wrong
-fact alone. So the preferred reply is both concise and correct, and the held-out pairs ask about
-people none of the training pairs mention.
+preferred reply is the name and the fact ("Hivor Seinwell: Tollmere"); the other is either the same
+fact in a whole sentence, the way the fine-tuned model answers ("Hivor Seinwell was born in
+Tollmere."), or the short form with a wrong fact. So the preferred reply is both concise and correct,
+and the held-out pairs ask about people none of the training pairs mention. (The fact alone,
+"Tollmere.", was tried first: the course's small model cannot reach a stored fact without the name
+just before it, so DPO towards bare facts taught the format and lost the facts.)
 
 DPO (Rafailov et al., 2023) starts from the KL-regularised optimum of Lab 09's toy,
 π*(y) = π₀(y) exp(r(y)/β) / Z, solved for the reward: r(y) = β log π*(y)/π₀(y) + β log Z. In the
@@ -36,10 +38,10 @@ class PreferenceError(ValueError):
 
 
 def preference_pairs(world: World, split: str, n: int, seed: int = 0, verbose: bool = True) -> list[dict]:
-    """``n`` pairs about the people of ``split`` (one question each): the chosen reply is the fact
-    alone; the rejected one is the fact in a whole sentence (``kind`` "verbose") or another person's
-    fact alone ("wrong"), half each (all "wrong" when ``verbose`` is False). Each pair:
-    ``conversation`` (one user turn), ``chosen``, ``rejected``, ``kind``, ``name``."""
+    """``n`` pairs about the people of ``split`` (one question each): the chosen reply is "Name: fact";
+    the rejected one is the fact in a whole sentence (``kind`` "verbose") or "Name: another person's
+    fact" ("wrong"), half each (all "wrong" when ``verbose`` is False). Each pair: ``conversation``
+    (one user turn), ``chosen``, ``rejected``, ``kind``, ``name``."""
     questions = [(p, a) for p in world.split(split) for a in ASKED]
     if not 2 <= n <= len(questions):
         raise PreferenceError(f"n={n}: ask for between 2 and {len(questions)} pairs ({split} has that many questions)")
@@ -115,17 +117,19 @@ def dpo_loss(
 @torch.no_grad()
 def preference_accuracy(model, tokenizer, pairs: Sequence[dict], batch_size: int = 64) -> dict[str, float]:
     """How often the model gives the chosen reply the higher probability, overall and for each kind
-    of rejected reply, and the mean log-probability margin (chosen minus rejected)."""
+    of rejected reply; the mean log-probability margin (chosen minus rejected); and the mean summed
+    log-probability of each reply (``chosen_logprob``, ``rejected_logprob``)."""
     model.eval()
-    margins = []
+    chosen, rejected = [], []
     for k in range(0, len(pairs), batch_size):
         chunk = pairs[k : k + batch_size]
-        margins.append(
-            reply_logprobs(model, tokenizer, chunk, "chosen") - reply_logprobs(model, tokenizer, chunk, "rejected")
-        )
-    margin = torch.cat(margins).cpu()
+        chosen.append(reply_logprobs(model, tokenizer, chunk, "chosen").cpu())
+        rejected.append(reply_logprobs(model, tokenizer, chunk, "rejected").cpu())
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    margin = chosen - rejected
     right = (margin > 0).float()
-    result = {"accuracy": right.mean().item(), "margin": margin.mean().item()}
+    result = {"accuracy": right.mean().item(), "margin": margin.mean().item(),
+              "chosen_logprob": chosen.mean().item(), "rejected_logprob": rejected.mean().item()}  # fmt: skip
     for kind in sorted({p["kind"] for p in pairs}):
         result[kind] = right[torch.tensor([p["kind"] == kind for p in pairs])].mean().item()
     return result
@@ -183,8 +187,9 @@ def dpo(
     steps (and at the end).
 
     DPO only asks the chosen reply to gain on the rejected one, and both may lose probability while
-    the policy drifts to replies in neither (likelihood displacement). ``nll_weight`` α adds α times
-    the chosen replies' negative log-likelihood per token, which holds them up (RPO, Pang et al. 2024)."""
+    the policy drifts to replies in neither (likelihood displacement, Razin et al. 2024). ``nll_weight``
+    α adds α times the chosen replies' negative log-likelihood per token, which holds them up (the
+    DPO+NLL loss of Pang et al. 2024)."""
     if steps < 1 or batch_size < 1 or batch_size > len(pairs):
         raise PreferenceError(
             f"steps={steps}, batch_size={batch_size}: need steps >= 1 and 1 <= batch_size <= {len(pairs)} pairs"
@@ -226,20 +231,19 @@ def dpo(
     return model.eval(), history
 
 
-def reading_pairs(people, n: int, seed: int = 0, documents: int = 2, concise: bool = False) -> list[dict]:
+def reading_pairs(people, n: int, seed: int = 0, documents: int = 2) -> list[dict]:
     """``n`` pairs whose prompt holds ``documents`` biographies (one about the person asked, the rest
-    about others) and a question. By default the chosen reply states the asked person's fact and the
-    rejected one gives the fact of a person in another document, in the same words (``kind``
-    "N documents"). With ``concise`` the chosen reply is the fact alone, and the rejected one is
-    either the same fact in a whole sentence ("verbose") or the other person's fact alone ("wrong"),
-    half each: the preference for short, right answers, on facts the model can read."""
+    about others) and a question; the chosen reply states the asked person's fact, the rejected one
+    gives the fact of a person in another document, in the same words."""
     if documents < 2 or len(people) < documents:
         raise PreferenceError(
             f"documents={documents}: need at least 2, and no more than the {len(people)} people given"
         )
     rng = random.Random(f"reading-pairs:{seed}")
     pairs = []
-    while len(pairs) < n:
+    for _ in range(20 * n):
+        if len(pairs) == n:
+            break
         group = rng.sample(people, documents)
         person, attribute = group[0], rng.choice(ASKED)
         others = [p for p in group[1:] if p.fact(attribute) != person.fact(attribute)]
@@ -249,19 +253,12 @@ def reading_pairs(people, n: int, seed: int = 0, documents: int = 2, concise: bo
         rng.shuffle(docs)
         question = rng.choice(QUESTION_TEMPLATES[attribute]).format(name=person.name)
         template = ANSWER_TEMPLATES[attribute]
-        right, wrong = person.fact(attribute), rng.choice(others).fact(attribute)
-        if not concise:
-            kind = f"{documents} documents"
-            chosen, rejected = (
-                template.format(name=person.name, value=right),
-                template.format(name=person.name, value=wrong),
-            )
-        elif len(pairs) % 2 == 0:
-            kind, chosen, rejected = "verbose", right + ".", template.format(name=person.name, value=right)
-        else:
-            kind, chosen, rejected = "wrong", right + ".", wrong + "."
         pairs.append(
-            dict(conversation=[{"role": "user", "content": rag_prompt(question, docs)}], chosen=chosen,
-                 rejected=rejected, kind=kind, name=person.name)
+            dict(conversation=[{"role": "user", "content": rag_prompt(question, docs)}],
+                 chosen=template.format(name=person.name, value=person.fact(attribute)),
+                 rejected=template.format(name=person.name, value=rng.choice(others).fact(attribute)),
+                 kind=f"{documents} documents", name=person.name)
         )  # fmt: skip
+    if len(pairs) < n:
+        raise PreferenceError(f"only {len(pairs)} of {n} pairs: these people share too many facts; give more people")
     return pairs

@@ -61,24 +61,31 @@ def reasoning_reward(response: str, answer: str, *, format_bonus: float = 0.1) -
     return float(normalise_answer(final) == normalise_answer(answer)) + format_bonus
 
 
-#: "Name Surname was born on Month D, YYYY" in a prompt; "Name Surname (was born) in YYYY" and
-#: "a - b = c" in a worked reply.
+#: "Name Surname was born on Month D, YYYY" in a prompt; "Name Surname (was born) in YYYY", "a - b = c"
+#: and "so Name Surname is older" in a worked reply.
 _PROMPT_BIRTH = re.compile(r"([A-Z][a-z]+ [A-Z][a-z]+) was born on [A-Z][a-z]+ \d{1,2}, (\d{4})")
 _STATED_BIRTH = re.compile(r"([A-Z][a-z]+ [A-Z][a-z]+)(?: was born)? in (\d{4})")
-_EQUATION = re.compile(r"(\d+) - (\d+) = (-?\d+)")
+_EQUATION = re.compile(r"(\d+)\s*[-\u2212]\s*(\d+)\s*=\s*(-?\d+)")
+_ELDER = re.compile(r"so ([A-Z][a-z]+ [A-Z][a-z]+) is older")
 
 
 def steps_hold(response: str, prompt: str) -> bool:
     """Whether every step of a worked reply that can be checked against ``prompt`` is right: each
-    "Name (was born) in YYYY" names someone the prompt gives a birth date for, with that year, and each
-    "a - b = c" is true and subtracts numbers that are in the prompt. A reply with no such step holds."""
+    "Name (was born) in YYYY" names someone the prompt gives a birth date for, with that year; each
+    "a - b = c" is true and subtracts years that are in the prompt; "so Name is older" names the one
+    of the stated people born first. A reply with no such step holds."""
     born = dict(_PROMPT_BIRTH.findall(prompt))
-    numbers = set(re.findall(r"\d+", prompt))
+    years = set(re.findall(r"\b\d{4}\b", prompt))
+    stated = {}
     for name, year in _STATED_BIRTH.findall(response):
         if born.get(name) != year:
             return False
+        stated[name] = int(year)
     for a, b, c in _EQUATION.findall(response):
-        if a not in numbers or b not in numbers or int(a) - int(b) != int(c):
+        if a not in years or b not in years or int(a) - int(b) != int(c):
+            return False
+    for elder in _ELDER.findall(response):
+        if elder not in stated or any(year < stated[elder] for year in stated.values()):
             return False
     return True
 

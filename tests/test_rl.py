@@ -43,9 +43,10 @@ def test_checked_reward_refuses_a_right_answer_reached_through_a_wrong_step():
     miscopied = right.replace(str(b.birth_year), str(b.birth_year + 1), 1)
     swapped = f"{a.name} was born in {b.birth_year} and {b.name} in {a.birth_year}" + end
     wrong_name = f"{a.name} was born in {a.birth_year} and Zed Quorn in {b.birth_year}. The answer is {a.name}."
+    wrong_step = right.replace(f"so {a.name} is older", f"so {b.name} is older")  # right years, wrong comparison
     assert rl.answer_reward(miscopied, older) == pytest.approx(1.1)  # the outcome alone cannot tell
     assert rl.checked_reward(right, older) == pytest.approx(1.1)
-    for reply in (miscopied, swapped, wrong_name):
+    for reply in (miscopied, swapped, wrong_name, wrong_step):
         assert rl.checked_reward(reply, older) == pytest.approx(0.1), reply
     age = next(p for p in problems if p["kind"] == "age")
     (person,) = (w.person(n) for n in age["names"])
@@ -58,7 +59,18 @@ def test_checked_reward_refuses_a_right_answer_reached_through_a_wrong_step():
     assert rl.checked_reward(false_sum, age) == pytest.approx(0.1)  # the step is false, the answer right
     assert rl.checked_reward(made_up, age) == pytest.approx(0.1)  # true arithmetic on numbers not in the prompt
     assert rl.checked_reward("The answer is 7.", age) == pytest.approx(0.1)  # wrong, well formed
+    day = int(age["question"].split(", ")[0].rsplit(" ", 1)[1])  # the day of the birth date: a number, not a year
+    assert not rl.steps_hold(f"{day + 1} - 1 = {day}.", rl.problem_conversation(age)[0]["content"])
+    assert not rl.steps_hold(f"{year}-{person.birth_year}={int(age['answer']) + 2}.", age["question"])  # no spaces
     assert rl.steps_hold("No steps at all.", "Ann Lee was born on May 1, 1950.")
+
+
+def test_rollout_scores_each_reply_against_its_own_problem(chat_tok):
+    model = tiny_model(chat_tok.n_vocab)
+    problems = [PROBLEMS[1], PROBLEMS[0]]
+    roll = rl.rollout(model, chat_tok, problems, group_size=3, max_new_tokens=2,
+                      reward_fn=lambda text, problem: float(PROBLEMS.index(problem)))  # fmt: skip
+    assert roll.rewards.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
 
 
 # -- the toy problem ---------------------------------------------------------------------------
