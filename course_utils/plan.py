@@ -237,7 +237,7 @@ def _lab08(p: dict, models: dict) -> list[Phase]:
         # a fine-tune that teaches declining (batches of 16 short conversations), then both models on two groups
         train("decline fine-tune", cfg, p.get("decline_steps", 0) * 16, 128, batch=16),
         generate("declining: two models, two groups", cfg, 4 * n, 16, 32, 64),
-        generate("with retrieved documents", cfg, len(p["ks"]) * n, longest, 24, 64),
+        generate("with retrieved documents, BM25 and dense", cfg, 2 * len(p["ks"]) * n, longest, 24, 64),
         generate("distractor layouts", cfg, 6 * n, longest, 24, 64),
     ]
 

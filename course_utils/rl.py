@@ -96,11 +96,18 @@ def answer_reward(response: str, problem: dict) -> float:
 
 
 def checked_reward(response: str, problem: dict, *, format_bonus: float = 0.1) -> float:
-    """The outcome reward, but a right answer reached through a wrong step (a year miscopied from the
-    prompt, a false subtraction; :func:`steps_hold`) earns only the format bonus: a lucky guess on a
-    two-way question is not reinforced as if the reasoning had been sound."""
+    """The outcome reward, but a right answer earns only the format bonus unless the reply shows its
+    steps (the birth year of everyone in ``problem["names"]``, and a subtraction for the age and gap
+    kinds) and every step holds (:func:`steps_hold`: no year miscopied, no false subtraction). So a
+    lucky guess on a two-way question is not reinforced as if the reasoning had been sound, and
+    leaving the steps out, where no check can fail, does not pay."""
     reward = reasoning_reward(response, problem["answer"], format_bonus=format_bonus)
-    if reward >= 1 and not steps_hold(response, problem_conversation(problem)[0]["content"]):
+    if reward < 1:
+        return reward
+    shown = {name for name, _ in _STATED_BIRTH.findall(response)} >= set(problem["names"])
+    if problem.get("kind") in ("age", "gap"):
+        shown = shown and bool(_EQUATION.search(response))
+    if not shown or not steps_hold(response, problem_conversation(problem)[0]["content"]):
         return format_bonus
     return reward
 

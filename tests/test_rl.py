@@ -59,6 +59,10 @@ def test_checked_reward_refuses_a_right_answer_reached_through_a_wrong_step():
     assert rl.checked_reward(false_sum, age) == pytest.approx(0.1)  # the step is false, the answer right
     assert rl.checked_reward(made_up, age) == pytest.approx(0.1)  # true arithmetic on numbers not in the prompt
     assert rl.checked_reward("The answer is 7.", age) == pytest.approx(0.1)  # wrong, well formed
+    assert rl.checked_reward(f"The answer is {age['answer']}.", age) == pytest.approx(0.1)  # right, but no steps
+    assert rl.checked_reward(f"The answer is {a.name}.", older) == pytest.approx(0.1)
+    one_year = f"{a.name} was born in {a.birth_year}, so {a.name} is older. The answer is {a.name}."
+    assert rl.checked_reward(one_year, older) == pytest.approx(0.1)  # the other person's year is missing
     day = int(age["question"].split(", ")[0].rsplit(" ", 1)[1])  # the day of the birth date: a number, not a year
     assert not rl.steps_hold(f"{day + 1} - 1 = {day}.", rl.problem_conversation(age)[0]["content"])
     assert not rl.steps_hold(f"{year}-{person.birth_year}={int(age['answer']) + 2}.", age["question"])  # no spaces
