@@ -315,7 +315,7 @@ def accuracy(model, tokenizer, problems: Sequence[dict], *, max_new_tokens: int 
     if not problems:
         raise RLError("no problems to measure on")
     texts = replies(model, tokenizer, [problem_conversation(p) for p in problems], max_new_tokens=max_new_tokens)
-    return sum(reasoning_reward(t, p["answer"]) >= 1 for t, p in zip(texts, problems, strict=True)) / len(problems)
+    return sum(answer_reward(t, p) >= 1 for t, p in zip(texts, problems, strict=True)) / len(problems)
 
 
 def pass_at_k_curve(
@@ -340,7 +340,7 @@ def pass_at_k_curve(
         generator=gen,
     )
     correct = [
-        sum(reasoning_reward(samples[i * n + j].text, p["answer"]) >= 1 for j in range(n))
+        sum(answer_reward(samples[i * n + j].text, p) >= 1 for j in range(n))
         for i, p in enumerate(problems)
     ]
     return {k: sum(pass_at_k(n, c, k) for c in correct) / len(problems) for k in ks}
