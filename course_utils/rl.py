@@ -339,10 +339,7 @@ def pass_at_k_curve(
         temperature=1.0,
         generator=gen,
     )
-    correct = [
-        sum(answer_reward(samples[i * n + j].text, p) >= 1 for j in range(n))
-        for i, p in enumerate(problems)
-    ]
+    correct = [sum(answer_reward(samples[i * n + j].text, p) >= 1 for j in range(n)) for i, p in enumerate(problems)]
     return {k: sum(pass_at_k(n, c, k) for c in correct) / len(problems) for k in ks}
 
 
