@@ -171,10 +171,12 @@ def _lab03(p: dict, _models: dict) -> list[Phase]:
     spec = dict(config=cfg, prompts=2, batch=1, prompt_len=1, new_tokens=n - 1, cache=False)
     without = Phase("generation without the cache (x2)", uncached, cached.memory_bytes, "generate", "fp32", 2 * (n - 1))
     without.n_layer, without.spec = cfg.n_layer, spec
-    # section 8: two small models (learned and rotary positions) on 16 windows of 64 tokens a step
+    # section 8: two small models (learned and rotary positions) on 16 windows of 64 tokens a step;
+    # section 9: two more rotary ones with fewer key-value heads (counted at the multi-head size)
     small = GPTConfig(vocab_size=cfg.vocab_size, context_length=256, n_layer=2, n_head=4, n_embd=128)
     positions = train("learned and rotary positions (2 models)", small, 2 * p["position_steps"] * 16, 64, batch=16)
-    return [cached, without, positions]
+    shared = train("2 and 1 key-value heads (2 models)", small, 2 * p["position_steps"] * 16, 64, batch=16)
+    return [cached, without, positions, shared]
 
 
 def _lab04(p: dict, models: dict) -> list[Phase]:
