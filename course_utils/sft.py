@@ -384,10 +384,20 @@ def story_items(stories: Sequence[str], n: int, seed: int = 0, max_chars: int = 
     return items
 
 
-def worked_answer(problem: dict, world) -> str:
-    """A step-by-step answer to one of :meth:`World.reasoning_problems`, ending ``The answer is …``."""
+def worked_answer(problem: dict, world, *, worked: bool = True) -> str:
+    """A step-by-step answer to one of :meth:`World.reasoning_problems`, ending ``The answer is …``;
+    with ``worked=False`` only that last sentence (a one-line answer, as many chat datasets give)."""
+    if not worked:
+        return f"The answer is {problem['answer']}."
     people = [world.person(n) for n in problem["names"]]
-    if problem["kind"] == "age":
+    if problem["kind"] == "same_city":
+        # one fact per sentence, in the words the model recalls it by, then the comparison
+        a, b = people
+        verdict = "in the same city" if a.birth_city == b.birth_city else "in different cities"
+        steps = (
+            f"{a.name} was born in {a.birth_city}. {b.name} was born in {b.birth_city}. So they were born {verdict}."
+        )
+    elif problem["kind"] == "age":
         (p,) = people
         year = int(problem["question"].rsplit(", ", 1)[1].rstrip("?"))
         steps = (
@@ -410,20 +420,38 @@ def worked_answer(problem: dict, world) -> str:
 
 def problem_conversation(problem: dict) -> list[dict]:
     """The user turn for one of :meth:`World.reasoning_problems`: the facts that settle it (those
-    not already in the question), then the question."""
-    facts = [f for f in problem["facts"] if f not in problem["question"]]
+    not already in the question; none for a closed-book problem), then the question."""
+    facts = [] if problem.get("closed_book") else [f for f in problem["facts"] if f not in problem["question"]]
     return [{"role": "user", "content": " ".join(facts + [problem["question"]])}]
 
 
-def reasoning_items(world, split: str, n: int, seed: int = 0) -> list[Item]:
-    """Reasoning problems with their facts in the prompt and a worked answer (the format Lab 09 rewards)."""
+def reasoning_items(
+    world,
+    split: str,
+    n: int,
+    seed: int = 0,
+    *,
+    kinds: tuple[str, ...] = ("age", "gap", "older"),
+    worked_share: float = 1.0,
+    open_book: bool = False,
+) -> list[Item]:
+    """Reasoning problems of ``kinds`` (their facts in the prompt unless closed-book; ``open_book``
+    puts them in for every kind), each with a worked answer (the format Lab 09 rewards) or, for a
+    ``1 - worked_share`` share drawn at random, the one-line answer alone."""
+    if not 0 <= worked_share <= 1:
+        raise ValueError(f"worked_share={worked_share}: must be between 0 and 1")
+    rng = random.Random(f"worked:{seed}")
+    problems = world.reasoning_problems(split, n, seed, kinds)
+    if open_book:
+        problems = [{**problem, "closed_book": False} for problem in problems]
     return [
         Item(
-            problem_conversation(problem) + [{"role": "assistant", "content": worked_answer(problem, world)}],
+            problem_conversation(problem)
+            + [{"role": "assistant", "content": worked_answer(problem, world, worked=rng.random() < worked_share)}],
             "reasoning",
             problem["answer"],
         )
-        for problem in world.reasoning_problems(split, n, seed)
+        for problem in problems
     ]
 
 
@@ -444,6 +472,9 @@ def sft_items(
     n_practice: int = 1200,
     max_documents: int = 1,
     n_decline: int = 0,
+    n_same_city: int = 0,
+    same_city_worked: float = 0.3,
+    n_same_city_given: int = 0,
     seed: int = 0,
 ) -> list[Item]:
     """The reference SFT mixture: closed-book questions about the ``sft`` people only (the ``heldout``
@@ -451,7 +482,12 @@ def sft_items(
     :func:`practice_world` people, story instructions from the training stories, and worked reasoning
     problems about the ``sft`` people. ``max_documents`` > 1 puts distractor biographies into the
     reading items (see :func:`reading_items`); ``n_decline`` > 0 adds that many closed-book questions
-    about the practice people answered with :data:`DECLINE` (see :func:`decline_items`)."""
+    about the practice people answered with :data:`DECLINE` (see :func:`decline_items`);
+    ``n_same_city`` > 0 adds that many closed-book "born in the same city?" problems about the ``sft``
+    people, a ``same_city_worked`` share of them worked out (each birthplace recalled, then compared)
+    and the rest answered in one line: the mixture of habits Lab 09's RL chooses between;
+    ``n_same_city_given`` > 0 adds that many with both birthplaces given in the prompt, all worked,
+    which is where the comparison itself is learned."""
     practice = practice_world(world, n_practice)
     return (
         qa_items(world, "sft")
@@ -459,6 +495,16 @@ def sft_items(
         + story_items(tinystories("train"), n_stories, seed)
         + reasoning_items(world, "sft", n_reasoning, seed)
         + (decline_items(practice, n_decline, seed) if n_decline else [])
+        + (
+            reasoning_items(world, "sft", n_same_city, seed, kinds=("same_city",), worked_share=same_city_worked)
+            if n_same_city
+            else []
+        )
+        + (
+            reasoning_items(world, "sft", n_same_city_given, seed + 1, kinds=("same_city",), open_book=True)
+            if n_same_city_given
+            else []
+        )
     )
 
 

@@ -152,6 +152,8 @@ _ENDINGS = {"she": ("a", "elle", "ine", "ia", "ette", "ara"), "he": ("o", "an", 
 _SURNAME_ENDINGS = ("son", "well", "berg", "mont", "field", "wick", "ley", "ston", "mar", "dale", "croft", "ridge")
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "field", "employer")
+#: The kinds of :meth:`World.reasoning_problems`.
+REASONING_KINDS = ("age", "gap", "older", "same_city")
 
 # Biography sentences: several phrasings per fact. {s} is the subject (full name or pronoun), {poss} its
 # possessive ("Tara Voss's" or "her"), {his} the possessive pronoun.
@@ -302,17 +304,47 @@ class World:
             for k, bio in enumerate(p.biographies)
         ]
 
-    def reasoning_problems(self, split: str, n: int = 200, seed: int = 0) -> list[dict]:
+    def reasoning_problems(
+        self, split: str, n: int = 200, seed: int = 0, kinds: tuple[str, ...] = ("age", "gap", "older")
+    ) -> list[dict]:
         """Problems whose answer follows from two or three facts: an age in a given year, the years
-        between two births, who is older. Each item: ``question``, ``answer`` (an integer as text, or
-        a name), ``kind``, ``names`` and ``facts`` (the sentences that settle it)."""
+        between two births, who is older (the facts are given in the prompt), and ``same_city``:
+        were two people born in the same city (closed-book: the facts are the model's own, half the
+        pairs share a city). Each item: ``question``, ``answer`` (an integer as text, a name, or
+        "yes"/"no"), ``kind``, ``names``, ``facts`` (the sentences that settle it) and ``closed_book``
+        (whether the prompt leaves the facts out)."""
+        unknown = sorted(set(kinds) - set(REASONING_KINDS))
+        if unknown or not kinds:
+            raise ValueError(f"kinds={kinds!r}: choose from {REASONING_KINDS}")
         people = self.split(split)
         if len(people) < 2:
             raise ValueError(f"the {split!r} split has {len(people)} people; reasoning problems need two")
         rng = random.Random(f"{self.seed}:reasoning:{seed}")
+        by_city: dict[str, list[Person]] = {}
+        for p in people:
+            by_city.setdefault(p.birth_city, []).append(p)
         items = []
         while len(items) < n:
-            kind = rng.choice(("age", "gap", "older"))
+            kind = rng.choice(kinds)
+            if kind == "same_city":
+                a = rng.choice(people)
+                same = rng.random() < 0.5
+                pool = [p for p in (by_city[a.birth_city] if same else people) if p is not a]
+                pool = [p for p in pool if (p.birth_city == a.birth_city) == same]
+                if not pool:
+                    continue
+                b = rng.choice(pool)
+                items.append(
+                    {
+                        "question": f"Were {a.name} and {b.name} born in the same city?",
+                        "answer": "yes" if same else "no",
+                        "kind": kind,
+                        "names": [a.name, b.name],
+                        "facts": [f"{p.name} was born in {p.birth_city}." for p in (a, b)],
+                        "closed_book": True,
+                    }
+                )
+                continue
             a, b = rng.sample(people, 2)
             if kind == "age":
                 year = a.birth_year + rng.randint(5, 60)
@@ -334,7 +366,16 @@ class World:
                     first, second = rng.sample(names, 2)
                     question = f"Who is older, {first} or {second}?"
                     answer = a.name
-            items.append({"question": question, "answer": answer, "kind": kind, "names": names, "facts": facts})
+            items.append(
+                {
+                    "question": question,
+                    "answer": answer,
+                    "kind": kind,
+                    "names": names,
+                    "facts": facts,
+                    "closed_book": False,
+                }
+            )
         return items
 
     def most_common(self, attribute: str, split: str = "pretraining") -> tuple[str, float]:

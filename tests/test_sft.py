@@ -142,6 +142,28 @@ def test_worked_answers_reach_the_right_answer(w):
     assert {i.conversation[-1]["content"].split(" was born")[0] == i.answer for i in older} == {True, False}
 
 
+def test_same_city_items_mix_worked_and_one_line_answers(w):
+    items = sft.reasoning_items(w, "sft", 400, seed=4, kinds=("same_city",), worked_share=0.3)
+    worked = [i for i in items if not i.conversation[-1]["content"].startswith("The answer is")]
+    assert 0.22 < len(worked) / len(items) < 0.38
+    for item in items:
+        (user,) = item.conversation[:-1]
+        assert " was born in " not in user["content"]  # closed-book: the model must recall the cities
+        assert item.conversation[-1]["content"].endswith(f"The answer is {item.answer}.")
+    for item in worked:  # each birthplace, then the comparison, then the answer
+        text = item.conversation[-1]["content"]
+        a, b = re.findall(r"was born in ([A-Z][a-z]+(?: [A-Z][a-z]+)?)\.", text)
+        assert (a == b) == (item.answer == "yes") == ("born in the same city" in text)
+    assert all(i.conversation[-1]["content"] == f"The answer is {i.answer}." for i in items if i not in worked)
+    with pytest.raises(ValueError, match="worked_share"):
+        sft.reasoning_items(w, "sft", 4, kinds=("same_city",), worked_share=1.5)
+    given = sft.reasoning_items(w, "sft", 20, seed=5, kinds=("same_city",), open_book=True)
+    assert all(i.conversation[0]["content"].count(" was born in ") == 2 for i in given)  # both facts given
+    assert not any(i.conversation[-1]["content"].startswith("The answer is") for i in given)
+    mixture = sft.sft_items(w, n_stories=10, n_reasoning=20, n_same_city=30, n_same_city_given=12)
+    assert sum("born in the same city" in i.conversation[0]["content"] for i in mixture) == 42
+
+
 def test_finetune_trains_on_conversations_resumes_and_can_skip_the_mask(tmp_path, chat_tok, w):
     base = tiny_model(chat_tok.n_vocab - len(sft.CHAT_TOKENS))
     items = sft.qa_items(w, "sft")[:16]

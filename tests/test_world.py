@@ -110,6 +110,25 @@ def test_reasoning_answers_follow_from_the_birth_dates(w):
             assert any(fact == f"{q.name} was born on {q.birth_date}." for q in people)
 
 
+def test_same_city_problems_are_closed_book_and_half_share_a_city(w):
+    problems = w.reasoning_problems("heldout", n=400, seed=2, kinds=("same_city",))
+    assert {p["kind"] for p in problems} == {"same_city"} and all(p["closed_book"] for p in problems)
+    yes = 0
+    for p in problems:
+        a, b = (w.person(n) for n in p["names"])
+        assert a.split == b.split == "heldout" and a.name != b.name
+        assert p["answer"] == ("yes" if a.birth_city == b.birth_city else "no")
+        assert p["facts"] == [f"{a.name} was born in {a.birth_city}.", f"{b.name} was born in {b.birth_city}."]
+        yes += p["answer"] == "yes"
+    assert 0.4 < yes / len(problems) < 0.6
+    # the default kinds draw exactly what they drew before same_city existed
+    assert w.reasoning_problems("sft", 50, seed=1) == w.reasoning_problems(
+        "sft", 50, seed=1, kinds=("age", "gap", "older")
+    )
+    with pytest.raises(ValueError, match="choose from"):
+        w.reasoning_problems("sft", 5, kinds=("same_town",))
+
+
 def test_answer_normalisation():
     assert normalise_answer("  The Corran Institute. ") == "corran institute"
     assert answer_matches(" Tollmere, Arvenia. She works", "Tollmere")

@@ -1,6 +1,6 @@
-"""A GRPO run from the reference SFT model on the world's reasoning problems (Lab 09's gpu-profile
-recipe). Writes ``history.json`` and ``summary.json`` (accuracy and pass@k before and after, the time)
-to the run folder, and resumes from its checkpoint::
+"""A GRPO run from the reference SFT model on the world's reasoning problems of ``--kinds`` (Lab 09's
+gpu-profile recipe). Writes ``history.json`` and ``summary.json`` (accuracy and pass@k before and
+after, the time) to the run folder, and resumes from its checkpoint::
 
     python -m course_utils.recipes.grpo --out-dir runs/grpo
 """
@@ -17,7 +17,7 @@ import torch
 
 from ..rl import GRPOConfig, grpo, pass_at_k_curve
 from ..sft import load_sft_model
-from ..world import make_world
+from ..world import REASONING_KINDS, make_world
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--token-level", action="store_true", help="average the loss over all tokens of the batch")
     parser.add_argument("--n-eval", type=int, default=300, help="held-out problems")
+    parser.add_argument(
+        "--kinds",
+        default="age,gap,older",
+        help=f"comma-separated kinds of reasoning problem, from {', '.join(REASONING_KINDS)}",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     cfg = GRPOConfig(
@@ -48,11 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         eval_every=args.eval_every,
         seed=args.seed,
     )
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    if not kinds or set(kinds) - set(REASONING_KINDS):
+        parser.error(f"--kinds {args.kinds!r}: choose from {', '.join(REASONING_KINDS)}")
     world = make_world(0)
     policy, tokenizer = load_sft_model(args.device)
     policy.float()
-    train_problems = world.reasoning_problems("sft", 2000, seed=1)
-    eval_problems = world.reasoning_problems("heldout", args.n_eval, seed=0)
+    train_problems = world.reasoning_problems("sft", 2000, seed=1, kinds=kinds)
+    eval_problems = world.reasoning_problems("heldout", args.n_eval, seed=0, kinds=kinds)
     start = time.perf_counter()
     trained, history = grpo(policy, tokenizer, train_problems, eval_problems, cfg, out_dir=args.out_dir)
     seconds = time.perf_counter() - start

@@ -7,14 +7,18 @@ defaults make the shipped model::
 The run resumes from ``OUT_DIR/checkpoint.pt`` when it was cut off (a folder holding a run with other
 data or settings is refused). The defaults put one to three biographies into each reading item (one
 relevant, as retrieval brings them) and 2,000 worked reasoning problems into the mixture (enough that
-Lab 09's policy often solves a problem in a group of samples). ``--decline N`` adds N closed-book
+Lab 09's policy often solves a problem in a group of samples). ``--same-city N`` adds N closed-book
+"were A and B born in the same city?" problems, a ``--same-city-worked`` share of them worked out
+(recall each birthplace, then compare) and the rest answered in one line, and ``--same-city-given N``
+N more with both birthplaces in the prompt, all worked. ``--decline N`` adds N closed-book
 questions about people the model cannot know, answered "I don't know who that is."
 
 The card records exact match on questions about the fine-tuning people, the held-out people and
 reading comprehension about unseen people (one biography, and one to three), for this model and for
-the base model asked in the same format; greedy accuracy on held-out reasoning problems by kind; how
-often each model declines closed-book questions about unknown and about held-out people; and how
-often each closes its reply.
+the base model asked in the same format; greedy accuracy on held-out reasoning problems by kind, and
+on the same-city problems with the share of greedy replies that work them out; how often each model
+declines closed-book questions about unknown and about held-out people; and how often each closes
+its reply.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 from ..artefacts import ArtefactError, file_sha256, load_model, save_model
 from ..data import tokenizer_fingerprint
 from ..lab import data_dir
-from ..rl import accuracy
+from ..rl import accuracy, answer_reward
 from ..sft import (
     DECLINE,
     SFT_MODEL,
@@ -40,6 +44,7 @@ from ..sft import (
     finetune,
     format_compliance,
     grow_vocabulary,
+    problem_conversation,
     reading_items,
     replay_documents,
     replies,
@@ -68,6 +73,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--reasoning", type=int, default=2000, help="worked reasoning problems in the mixture")
     parser.add_argument(
+        "--same-city",
+        type=int,
+        default=0,
+        help='closed-book "born in the same city?" problems in the mixture (Lab 09\'s RL task)',
+    )
+    parser.add_argument(
+        "--same-city-worked",
+        type=float,
+        default=0.3,
+        help="share of those answered step by step; the rest are answered in one line",
+    )
+    parser.add_argument(
+        "--same-city-given",
+        type=int,
+        default=0,
+        help="same-city problems with both birthplaces in the prompt, all worked (to learn the comparison)",
+    )
+    parser.add_argument(
         "--decline",
         type=int,
         default=0,
@@ -91,7 +114,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
     tokenizer = chat_tokenizer(base_tokenizer)
-    items = sft_items(world, max_documents=args.reading_documents, n_reasoning=args.reasoning, n_decline=args.decline)
+    items = sft_items(
+        world,
+        max_documents=args.reading_documents,
+        n_reasoning=args.reasoning,
+        n_decline=args.decline,
+        n_same_city=args.same_city,
+        same_city_worked=args.same_city_worked,
+        n_same_city_given=args.same_city_given,
+    )
     try:
         trainer = finetune(
             base,
@@ -138,6 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ("age", "gap", "older"):
         subset = [p for p in problems if p["kind"] == kind]
         metrics[f"reasoning_accuracy_heldout_{kind}"] = round(accuracy(model, tokenizer, subset), 4) if subset else None
+    same = world.reasoning_problems("heldout", args.n_eval, 0, ("same_city",))
+    said = replies(model, tokenizer, [problem_conversation(p) for p in same], max_new_tokens=64)
+    metrics["same_city_accuracy_heldout"] = round(
+        sum(answer_reward(r, p) >= 1 for r, p in zip(said, same, strict=True)) / len(same), 4
+    )
+    metrics["same_city_worked_share_heldout"] = round(
+        sum(not r.startswith("The answer is") for r in said) / len(same), 4
+    )
     # how often each model declines closed-book: people it cannot know (retrieval) and people it should
     unknown = [[{"role": "user", "content": q["question"]}] for q in world.closed_book("retrieval", ("birth_city",))]
     for name, m in (("", model), ("base_", grown_base)):
