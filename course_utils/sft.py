@@ -30,7 +30,7 @@ from .lab import data_dir
 from .model import GPT, generate_batched
 from .tokenizer import ENDOFTEXT, Tokenizer
 from .train import TrainConfig, Trainer
-from .world import ANSWER_TEMPLATES, World, load_base_model, make_world, normalise_answer
+from .world import ANSWER_TEMPLATES, HEADQUARTERS, World, load_base_model, make_world, normalise_answer
 
 USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
 CHAT_TOKENS = (USER, ASSISTANT, END)
@@ -397,6 +397,10 @@ def worked_answer(problem: dict, world, *, worked: bool = True) -> str:
         steps = (
             f"{a.name} was born in {a.birth_city}. {b.name} was born in {b.birth_city}. So they were born {verdict}."
         )
+    elif problem["kind"] == "employer_city":
+        # each hop a fact in the words it was learned by: the employer, then where it is based
+        (p,) = people
+        steps = f"{p.name} works for {p.employer}. {p.employer} is based in {HEADQUARTERS[p.employer]}."
     elif problem["kind"] == "age":
         (p,) = people
         year = int(problem["question"].rsplit(", ", 1)[1].rstrip("?"))
@@ -464,6 +468,29 @@ def practice_world(world, n: int = 400, seed: int = 1):
     return World(seed=other.seed, people=[p for p in other.people if p.name not in taken])
 
 
+#: Questions that teach where each employer is based (:data:`course_utils.world.HEADQUARTERS`).
+HEADQUARTERS_QUESTIONS = ("Where is {e} based?", "In which city is {e} based?", "Where are {e}'s headquarters?")
+
+
+def headquarters_items(repeats: int = 5) -> list[Item]:
+    """Every employer's city, asked in each of :data:`HEADQUARTERS_QUESTIONS` and answered
+    "E is based in C.", ``repeats`` times over: the second hop of the ``employer_city`` problems,
+    which no biography states."""
+    return [
+        Item(
+            [
+                {"role": "user", "content": question.format(e=employer)},
+                {"role": "assistant", "content": f"{employer} is based in {city}."},
+            ],
+            "qa",
+            city,
+        )
+        for employer, city in HEADQUARTERS.items()
+        for question in HEADQUARTERS_QUESTIONS
+        for _ in range(repeats)
+    ]
+
+
 def sft_items(
     world,
     *,
@@ -472,9 +499,10 @@ def sft_items(
     n_practice: int = 1200,
     max_documents: int = 1,
     n_decline: int = 0,
-    n_same_city: int = 0,
-    same_city_worked: float = 0.3,
-    n_same_city_given: int = 0,
+    n_closed: int = 0,
+    closed_kind: str = "employer_city",
+    closed_worked: float = 0.3,
+    n_closed_given: int = 0,
     seed: int = 0,
 ) -> list[Item]:
     """The reference SFT mixture: closed-book questions about the ``sft`` people only (the ``heldout``
@@ -482,30 +510,30 @@ def sft_items(
     :func:`practice_world` people, story instructions from the training stories, and worked reasoning
     problems about the ``sft`` people. ``max_documents`` > 1 puts distractor biographies into the
     reading items (see :func:`reading_items`); ``n_decline`` > 0 adds that many closed-book questions
-    about the practice people answered with :data:`DECLINE` (see :func:`decline_items`);
-    ``n_same_city`` > 0 adds that many closed-book "born in the same city?" problems about the ``sft``
-    people, a ``same_city_worked`` share of them worked out (each birthplace recalled, then compared)
-    and the rest answered in one line: the mixture of habits Lab 09's RL chooses between;
-    ``n_same_city_given`` > 0 adds that many with both birthplaces given in the prompt, all worked,
-    which is where the comparison itself is learned."""
+    about the practice people answered with :data:`DECLINE` (see :func:`decline_items`).
+
+    ``n_closed`` > 0 adds that many closed-book reasoning problems of ``closed_kind`` (``employer_city``
+    or ``same_city``) about the ``sft`` people, a ``closed_worked`` share of them worked out (each fact
+    recalled in turn) and the rest answered in one line: the mixture of habits Lab 09's RL chooses
+    between; ``n_closed_given`` > 0 adds that many with the facts given in the prompt, all worked. For
+    ``employer_city`` the mixture also teaches where each employer is based (:func:`headquarters_items`)."""
     practice = practice_world(world, n_practice)
-    return (
+    items = (
         qa_items(world, "sft")
         + reading_items(practice, "sft", seed, max_documents)
         + story_items(tinystories("train"), n_stories, seed)
         + reasoning_items(world, "sft", n_reasoning, seed)
         + (decline_items(practice, n_decline, seed) if n_decline else [])
-        + (
-            reasoning_items(world, "sft", n_same_city, seed, kinds=("same_city",), worked_share=same_city_worked)
-            if n_same_city
-            else []
-        )
-        + (
-            reasoning_items(world, "sft", n_same_city_given, seed + 1, kinds=("same_city",), open_book=True)
-            if n_same_city_given
-            else []
-        )
     )
+    if n_closed or n_closed_given:
+        kinds = (closed_kind,)
+        if n_closed:
+            items += reasoning_items(world, "sft", n_closed, seed, kinds=kinds, worked_share=closed_worked)
+        if n_closed_given:
+            items += reasoning_items(world, "sft", n_closed_given, seed + 1, kinds=kinds, open_book=True)
+        if closed_kind == "employer_city":
+            items += headquarters_items()
+    return items
 
 
 def instruction_data(data=None) -> list[dict]:

@@ -151,9 +151,35 @@ _VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
 _ENDINGS = {"she": ("a", "elle", "ine", "ia", "ette", "ara"), "he": ("o", "an", "ick", "el", "us", "or")}
 _SURNAME_ENDINGS = ("son", "well", "berg", "mont", "field", "wick", "ley", "ston", "mar", "dale", "croft", "ridge")
 
+#: Where each employer is based: a fact no biography states (the base model has never seen it), taught
+#: in fine-tuning, so that "in which city is A's employer based?" takes two hops through two separately
+#: learned facts (A works for E; E is based in C).
+HEADQUARTERS = {
+    "Brightwell Foods": "Tollmere",
+    "Ostro Motors": "Kestrel Bay",
+    "Kelvane Bank": "Marrowby",
+    "Marlow & Finch": "Brightwater",
+    "Tidewater Shipping": "Silverlake",
+    "Greenleaf Pharmacy": "Vikholm",
+    "Copperfield Press": "Amberley",
+    "Northwind Airlines": "Cobalt Ridge",
+    "Halcyon Games": "Brask",
+    "Ironbridge Steel": "Ormond",
+    "Bluebell Bakery": "Thistlecombe",
+    "Starling Telecom": "Osterly",
+    "Quillon Books": "Embergrove",
+    "Redstone Energy": "Eskerton",
+    "Silverpine Hotels": "Rookhaven",
+    "Larkspur Gardens": "Saffron Hill",
+    "Vantor Robotics": "Quenby",
+    "Meadowbrook Dairy": "Valtris",
+    "Orbis Maps": "Corvane",
+    "Pemberton Clocks": "Zanmoor",
+}
+
 ATTRIBUTES = ("birth_date", "birth_city", "university", "field", "employer")
 #: The kinds of :meth:`World.reasoning_problems`.
-REASONING_KINDS = ("age", "gap", "older", "same_city")
+REASONING_KINDS = ("age", "gap", "older", "same_city", "employer_city")
 
 # Biography sentences: several phrasings per fact. {s} is the subject (full name or pronoun), {poss} its
 # possessive ("Tara Voss's" or "her"), {his} the possessive pronoun.
@@ -310,7 +336,9 @@ class World:
         """Problems whose answer follows from two or three facts: an age in a given year, the years
         between two births, who is older (the facts are given in the prompt), and ``same_city``:
         were two people born in the same city (closed-book: the facts are the model's own, half the
-        pairs share a city). Each item: ``question``, ``answer`` (an integer as text, a name, or
+        pairs share a city), and ``employer_city``: in which city is a person's employer based
+        (closed-book, two hops: the person's employer, then where it is based, :data:`HEADQUARTERS`).
+        Each item: ``question``, ``answer`` (an integer as text, a name, or
         "yes"/"no"), ``kind``, ``names``, ``facts`` (the sentences that settle it) and ``closed_book``
         (whether the prompt leaves the facts out)."""
         unknown = sorted(set(kinds) - set(REASONING_KINDS))
@@ -341,6 +369,20 @@ class World:
                         "kind": kind,
                         "names": [a.name, b.name],
                         "facts": [f"{p.name} was born in {p.birth_city}." for p in (a, b)],
+                        "closed_book": True,
+                    }
+                )
+                continue
+            if kind == "employer_city":
+                a = rng.choice(people)
+                city = HEADQUARTERS[a.employer]
+                items.append(
+                    {
+                        "question": f"In which city is {a.name}'s employer based?",
+                        "answer": city,
+                        "kind": kind,
+                        "names": [a.name],
+                        "facts": [f"{a.name} works for {a.employer}.", f"{a.employer} is based in {city}."],
                         "closed_book": True,
                     }
                 )

@@ -107,6 +107,14 @@ def test_sft_recipe_fine_tunes_the_base_model_and_writes_its_card(tmp_path):
     assert card["command"].endswith(f"--out {out}") and card["metrics"]["steps"] == 1
     for name in ("qa_sft", "qa_heldout", "reading_unseen", "reading_unseen_1to3_documents"):
         assert 0 <= card["metrics"][f"exact_match_{name}"] <= 1
-    for name in ("declined_retrieval", "declined_qa_heldout", "reasoning_accuracy_heldout"):
+    for name in (
+        "declined_retrieval",
+        "declined_qa_heldout",
+        "reasoning_accuracy_heldout",
+        "employer_city_accuracy_heldout",
+        "employer_city_worked_share_heldout",
+    ):
         assert 0 <= card["metrics"][name] <= 1
+    # the default mixture: 2,000 worked reasoning problems and 2,000 two-hop ones, whose second hop is taught too
+    assert card["metrics"]["sft_examples"]["reasoning"] == 4000 and card["metrics"]["sft_examples"]["qa"] == 3800
     assert set(card["data_sha256"]) == {"world_pretraining", "base_model", "tokenizer"}

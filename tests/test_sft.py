@@ -8,6 +8,7 @@ from course_utils import sft, world
 from course_utils.model import GPT, GPTConfig
 from course_utils.sft import IGNORE, ChatFormatError
 from course_utils.tokenizer import ENDOFTEXT
+from course_utils.world import HEADQUARTERS
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +161,30 @@ def test_same_city_items_mix_worked_and_one_line_answers(w):
     given = sft.reasoning_items(w, "sft", 20, seed=5, kinds=("same_city",), open_book=True)
     assert all(i.conversation[0]["content"].count(" was born in ") == 2 for i in given)  # both facts given
     assert not any(i.conversation[-1]["content"].startswith("The answer is") for i in given)
-    mixture = sft.sft_items(w, n_stories=10, n_reasoning=20, n_same_city=30, n_same_city_given=12)
+    mixture = sft.sft_items(w, n_stories=10, n_reasoning=20, n_closed=30, closed_kind="same_city", n_closed_given=12)
     assert sum("born in the same city" in i.conversation[0]["content"] for i in mixture) == 42
+    assert not any("based" in i.conversation[0]["content"] for i in mixture)  # no employer facts for same_city
+
+
+def test_employer_city_items_take_two_hops_and_teach_the_second(w):
+    items = sft.reasoning_items(w, "sft", 300, seed=6, kinds=("employer_city",), worked_share=0.5)
+    worked = [i for i in items if not i.conversation[-1]["content"].startswith("The answer is")]
+    assert 0.38 < len(worked) / len(items) < 0.62
+    for item in worked:  # the employer recalled, then where it is based, then the answer
+        name = item.conversation[0]["content"].removeprefix("In which city is ").removesuffix("'s employer based?")
+        employer = w.person(name).employer
+        assert item.conversation[-1]["content"] == (
+            f"{name} works for {employer}. {employer} is based in {HEADQUARTERS[employer]}. "
+            f"The answer is {HEADQUARTERS[employer]}."
+        )
+    taught = sft.headquarters_items(repeats=2)
+    assert len(taught) == 2 * len(HEADQUARTERS) * len(sft.HEADQUARTERS_QUESTIONS)
+    assert {i.answer for i in taught} == set(HEADQUARTERS.values())
+    mixture = sft.sft_items(w, n_stories=10, n_reasoning=20, n_closed=40, closed_worked=0.3)
+    assert sum("employer based?" in i.conversation[0]["content"] for i in mixture) == 40
+    assert sum(i.conversation[-1]["content"].endswith(" is based in " + i.answer + ".") for i in mixture) == len(
+        sft.headquarters_items()
+    )
 
 
 def test_finetune_trains_on_conversations_resumes_and_can_skip_the_mask(tmp_path, chat_tok, w):

@@ -7,7 +7,15 @@ import pytest
 
 from course_utils import data, world
 from course_utils.artefacts import ArtefactError, read_card
-from course_utils.world import ATTRIBUTES, answer_matches, make_world, normalise_answer
+from course_utils.world import (
+    ATTRIBUTES,
+    COUNTRIES,
+    EMPLOYERS,
+    HEADQUARTERS,
+    answer_matches,
+    make_world,
+    normalise_answer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +135,22 @@ def test_same_city_problems_are_closed_book_and_half_share_a_city(w):
     )
     with pytest.raises(ValueError, match="choose from"):
         w.reasoning_problems("sft", 5, kinds=("same_town",))
+
+
+def test_employer_city_problems_are_closed_book_two_hops(w):
+    problems = w.reasoning_problems("heldout", n=200, seed=3, kinds=("employer_city",))
+    assert all(p["closed_book"] and p["kind"] == "employer_city" for p in problems)
+    for p in problems:
+        (person,) = (w.person(n) for n in p["names"])
+        assert person.split == "heldout" and p["answer"] == HEADQUARTERS[person.employer]
+        assert p["facts"] == [
+            f"{person.name} works for {person.employer}.",
+            f"{person.employer} is based in {p['answer']}.",
+        ]
+    assert len({p["answer"] for p in problems}) > 10
+    # every employer is based in a city of the world, each in a different one
+    assert set(HEADQUARTERS) == set(EMPLOYERS) and len(set(HEADQUARTERS.values())) == len(HEADQUARTERS)
+    assert set(HEADQUARTERS.values()) <= {c for cities in COUNTRIES.values() for c in cities}
 
 
 def test_answer_normalisation():

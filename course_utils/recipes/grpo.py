@@ -1,6 +1,7 @@
 """A GRPO run from the reference SFT model on the world's reasoning problems of ``--kinds`` (Lab 09's
-gpu-profile recipe). Writes ``history.json`` and ``summary.json`` (accuracy and pass@k before and
-after, the time) to the run folder, and resumes from its checkpoint::
+gpu-profile recipe; by default the closed-book two-hop ``employer_city`` problems of its section 1).
+Writes ``history.json`` and ``summary.json`` (accuracy and pass@k before and after, the time) to the
+run folder, and resumes from its checkpoint::
 
     python -m course_utils.recipes.grpo --out-dir runs/grpo
 """
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-eval", type=int, default=300, help="held-out problems")
     parser.add_argument(
         "--kinds",
-        default="age,gap,older",
+        default="employer_city",
         help=f"comma-separated kinds of reasoning problem, from {', '.join(REASONING_KINDS)}",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -6,19 +6,21 @@ defaults make the shipped model::
 
 The run resumes from ``OUT_DIR/checkpoint.pt`` when it was cut off (a folder holding a run with other
 data or settings is refused). The defaults put one to three biographies into each reading item (one
-relevant, as retrieval brings them) and 2,000 worked reasoning problems into the mixture (enough that
-Lab 09's policy often solves a problem in a group of samples). ``--same-city N`` adds N closed-book
-"were A and B born in the same city?" problems, a ``--same-city-worked`` share of them worked out
-(recall each birthplace, then compare) and the rest answered in one line, and ``--same-city-given N``
-N more with both birthplaces in the prompt, all worked. ``--decline N`` adds N closed-book
+relevant, as retrieval brings them), 2,000 worked reasoning problems into the mixture, and 2,000
+closed-book two-hop problems, ``--closed-kind employer_city`` ("in which city is A's employer
+based?", with where each employer is based taught alongside): a ``--closed-worked`` share of 0.3
+worked out (each fact recalled in turn) and the rest answered in one line. That mixture of habits is
+what Lab 09's RL chooses between; ``--closed-book 0`` leaves it out. ``--closed-kind same_city``
+asks instead whether two people were born in the same city, and ``--closed-given N`` adds N problems
+with their facts in the prompt, all worked. ``--decline N`` adds N closed-book
 questions about people the model cannot know, answered "I don't know who that is."
 
 The card records exact match on questions about the fine-tuning people, the held-out people and
 reading comprehension about unseen people (one biography, and one to three), for this model and for
 the base model asked in the same format; greedy accuracy on held-out reasoning problems by kind, and
-on the same-city problems with the share of greedy replies that work them out; how often each model
-declines closed-book questions about unknown and about held-out people; and how often each closes
-its reply.
+on the closed-book problems of ``--closed-kind`` with the share of greedy replies that work them out;
+how often each model declines closed-book questions about unknown and about held-out people; and how
+often each closes its reply.
 """
 
 from __future__ import annotations
@@ -73,22 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--reasoning", type=int, default=2000, help="worked reasoning problems in the mixture")
     parser.add_argument(
-        "--same-city",
+        "--closed-book",
         type=int,
-        default=0,
-        help='closed-book "born in the same city?" problems in the mixture (Lab 09\'s RL task)',
+        default=2000,
+        help="closed-book two-fact reasoning problems of --closed-kind in the mixture (Lab 09's RL task)",
     )
     parser.add_argument(
-        "--same-city-worked",
+        "--closed-kind", default="employer_city", choices=("employer_city", "same_city"), help="their kind"
+    )
+    parser.add_argument(
+        "--closed-worked",
         type=float,
         default=0.3,
         help="share of those answered step by step; the rest are answered in one line",
     )
     parser.add_argument(
-        "--same-city-given",
-        type=int,
-        default=0,
-        help="same-city problems with both birthplaces in the prompt, all worked (to learn the comparison)",
+        "--closed-given", type=int, default=0, help="problems of that kind with their facts in the prompt, all worked"
     )
     parser.add_argument(
         "--decline",
@@ -119,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         max_documents=args.reading_documents,
         n_reasoning=args.reasoning,
         n_decline=args.decline,
-        n_same_city=args.same_city,
-        same_city_worked=args.same_city_worked,
-        n_same_city_given=args.same_city_given,
+        n_closed=args.closed_book,
+        closed_kind=args.closed_kind,
+        closed_worked=args.closed_worked,
+        n_closed_given=args.closed_given,
     )
     try:
         trainer = finetune(
@@ -169,13 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ("age", "gap", "older"):
         subset = [p for p in problems if p["kind"] == kind]
         metrics[f"reasoning_accuracy_heldout_{kind}"] = round(accuracy(model, tokenizer, subset), 4) if subset else None
-    same = world.reasoning_problems("heldout", args.n_eval, 0, ("same_city",))
-    said = replies(model, tokenizer, [problem_conversation(p) for p in same], max_new_tokens=64)
-    metrics["same_city_accuracy_heldout"] = round(
-        sum(answer_reward(r, p) >= 1 for r, p in zip(said, same, strict=True)) / len(same), 4
+    closed = world.reasoning_problems("heldout", args.n_eval, 0, (args.closed_kind,))
+    said = replies(model, tokenizer, [problem_conversation(p) for p in closed], max_new_tokens=64)
+    metrics[f"{args.closed_kind}_accuracy_heldout"] = round(
+        sum(answer_reward(r, p) >= 1 for r, p in zip(said, closed, strict=True)) / len(closed), 4
     )
-    metrics["same_city_worked_share_heldout"] = round(
-        sum(not r.startswith("The answer is") for r in said) / len(same), 4
+    metrics[f"{args.closed_kind}_worked_share_heldout"] = round(
+        sum(not r.startswith("The answer is") for r in said) / len(closed), 4
     )
     # how often each model declines closed-book: people it cannot know (retrieval) and people it should
     unknown = [[{"role": "user", "content": q["question"]}] for q in world.closed_book("retrieval", ("birth_city",))]
